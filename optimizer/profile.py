@@ -1,0 +1,65 @@
+"""Ablation-weight profiles: how strongly each decoder layer is steered.
+
+A profile is set by four numbers: it equals ``max_weight`` at ``max_weight_position``, falls
+to ``min_weight`` at ``min_weight_distance`` layers away, and is 0 beyond that distance.
+``tent`` falls linearly (as heretic does); ``bell`` falls along a raised cosine, which has the
+same end points but zero slope at the peak and at the far end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SHAPES = ("bell", "tent")
+
+
+def _check(shape: str, max_weight: float, min_weight: float, min_weight_distance: float) -> None:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown profile shape {shape!r}; expected one of {', '.join(SHAPES)}")
+    if not (math.isfinite(min_weight_distance) and min_weight_distance > 0):
+        raise ValueError(f"min_weight_distance must be a finite number > 0, got {min_weight_distance}")
+    if not (math.isfinite(max_weight) and math.isfinite(min_weight)):
+        raise ValueError(f"weights must be finite, got max {max_weight}, min {min_weight}")
+
+
+def weight_at(
+    shape: str,
+    distance: float | np.ndarray,
+    max_weight: float,
+    min_weight: float,
+    min_weight_distance: float,
+) -> np.ndarray:
+    """Profile weight at ``distance`` (≥ 0, any real, array or scalar) from the peak, in float64."""
+    _check(shape, max_weight, min_weight, min_weight_distance)
+    d = np.abs(np.asarray(distance, dtype=np.float64))
+    t = np.minimum(d / min_weight_distance, 1.0)
+    # Fraction of the way from min_weight (0) up to max_weight (1). Writing the result as a
+    # convex combination makes both end points exact: max at t = 0, min at t = 1.
+    if shape == "tent":
+        rise = 1.0 - t
+    else:
+        rise = 0.5 * (1.0 + np.cos(np.pi * t))
+    w = max_weight * rise + min_weight * (1.0 - rise)
+    # Rounding can push a convex combination one ulp outside its end points; clip it back.
+    w = np.clip(w, min(max_weight, min_weight), max(max_weight, min_weight))
+    return np.where(d > min_weight_distance, 0.0, w)
+
+
+def layer_weights(
+    shape: str,
+    n_layers: int,
+    max_weight: float,
+    max_weight_position: float,
+    min_weight: float,
+    min_weight_distance: float,
+) -> np.ndarray:
+    """Weight of each decoder layer 0 … n_layers − 1, as float32."""
+    if isinstance(n_layers, bool) or not isinstance(n_layers, (int, np.integer)) or n_layers < 1:
+        raise ValueError(f"n_layers must be an integer >= 1, got {n_layers!r}")
+    if not math.isfinite(max_weight_position):
+        raise ValueError(f"max_weight_position must be finite, got {max_weight_position}")
+    d = np.abs(np.arange(n_layers, dtype=np.float64) - max_weight_position)
+    w = weight_at(shape, d, max_weight, min_weight, min_weight_distance)
+    return w.astype(np.float32)
