@@ -1,0 +1,237 @@
+"""Scoring a steered model: KL divergence on harmless prompts, refusal rate on harmful ones.
+
+An :class:`Evaluator` tokenizes and batches its prompts once and computes the untouched
+model's reference distributions once; each trial then costs one forward pass over the
+harmless prompts and one batched greedy generation over the harmful ones, with whatever
+steering is set on the model at the time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from optimizer.markers import find_refusal
+from optimizer.model import LoadedModel, batch_cache, chat_tokens, last_positions_only, pad_left
+
+MAX_AUTO_BATCH = 64
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How trials are scored."""
+
+    max_new_tokens: int = 32
+    kl_tokens: int = 1
+    batch_size: int = 0  # 0: sized to memory, halved on out-of-memory
+    system_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class RefusalResult:
+    """What the harmful prompts got: which were refused, and the answers."""
+
+    flags: tuple[bool, ...]
+    answers: tuple[str, ...]
+    generated_tokens: int
+    # Per prompt batch, the number of rows in each forward pass of its generation (the
+    # prefill first, then one per decode step): what the benchmark replays as its floor.
+    step_sizes: tuple[tuple[int, ...], ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def refused(self) -> int:
+        return sum(self.flags)
+
+    @property
+    def total(self) -> int:
+        return len(self.flags)
+
+    @property
+    def rate(self) -> float:
+        return self.refused / self.total if self.total else 0.0
+
+
+StopFn = Callable[[list[int], list[list[int]]], list[bool]]
+
+
+def greedy_generate(
+    loaded: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop: StopFn | None = None,
+    step_sizes: list[int] | None = None,
+) -> tuple[list[list[int]], int]:
+    """Greedy continuations of a batch of token prompts, with one shared KV cache.
+
+    A row stops at EOS (not included), when ``stop(rows, tokens)`` says so (the token that
+    triggered it is kept), or after ``max_new_tokens``; the batch ends when all rows
+    stopped, and stopped rows leave the batch. Returns the tokens and the number of
+    decode steps run; ``step_sizes``, if given, gets the batch size of each forward pass.
+    """
+    model, eos = loaded.model, loaded.tokenizer.eos_token_ids
+    tokens, padding = pad_left(prompts, loaded.tokenizer.pad_token_id or 0)
+    cache = batch_cache(model, padding)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    steps = 0
+    with last_positions_only(model, 1):
+        logits = model(tokens, cache=cache)
+        if step_sizes is not None:
+            step_sizes.append(len(active))
+        while True:
+            next_tokens = mx.argmax(logits[:, -1, :], axis=-1)
+            values = next_tokens.tolist()
+            steps += 1
+            still = []
+            for position, (row, token) in enumerate(zip(active, values)):
+                if token in eos:
+                    continue
+                outputs[row].append(token)
+                if len(outputs[row]) < max_new_tokens:
+                    still.append(position)
+            if still and stop is not None:
+                rows = [active[p] for p in still]
+                halted = stop(rows, [outputs[r] for r in rows])
+                still = [p for p, done in zip(still, halted) if not done]
+            if not still:
+                break
+            if len(still) < len(active):
+                keep = mx.array(still)
+                for layer_cache in cache:
+                    layer_cache.filter(keep)
+                next_tokens = next_tokens[keep]
+                active = [active[p] for p in still]
+            logits = model(next_tokens[:, None], cache=cache)
+            if step_sizes is not None:
+                step_sizes.append(len(active))
+    return outputs, steps
+
+
+class Evaluator:
+    """Scores the current steering of ``loaded`` on fixed eval prompts."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        markers: tuple[str, ...],
+        settings: EvalSettings = EvalSettings(),
+    ) -> None:
+        self.loaded = loaded
+        self.markers = markers
+        self.settings = settings
+        system = settings.system_prompt
+        self.harmful_tokens = [chat_tokens(loaded.tokenizer, p, system) for p in harmful]
+        self.harmless_tokens = [chat_tokens(loaded.tokenizer, p, system) for p in harmless]
+        self.batch_size = settings.batch_size or auto_batch_size(loaded, self.harmful_tokens + self.harmless_tokens)
+        self._kl_inputs, self._kl_valid, self._reference = self._reference_distributions()
+
+    # -- KL ------------------------------------------------------------------------------
+
+    def _reference_distributions(self) -> tuple[list[list[int]], list[mx.array], list[mx.array]]:
+        """Inputs, per-position validity masks and the untouched model's log-probs, once."""
+        k = self.settings.kl_tokens
+        inputs = [list(t) for t in self.harmless_tokens]
+        valid = np.ones((len(inputs), k), dtype=np.float32)
+        if k > 1:
+            # Teacher-force the original's own greedy answer: still one forward pass per trial.
+            answers = self.original_answers(self.harmless_tokens, k)
+            for row, answer in enumerate(answers):
+                # Position j predicts answer token j; after an early EOS nothing is predicted.
+                valid[row, len(answer) + 1 :] = 0.0
+                filler = answer[-1:] or inputs[row][-1:]
+                inputs[row] = inputs[row] + (answer + filler * k)[: k - 1]
+        self._kl_batches = self._batches(inputs)
+        masks = [mx.array(valid[rows]) for rows in self._kl_batches]
+        reference = [logits - mx.logsumexp(logits, axis=-1, keepdims=True) for logits in self._kl_logits(inputs)]
+        mx.eval(reference, masks)
+        return inputs, masks, reference
+
+    def _kl_logits(self, inputs: list[list[int]]) -> list[mx.array]:
+        """Float32 logits at the last ``kl_tokens`` positions, batch by batch."""
+        k = self.settings.kl_tokens
+        out = []
+        with last_positions_only(self.loaded.model, k):
+            for rows in self._kl_batches:
+                tokens, padding = pad_left([inputs[r] for r in rows], self.loaded.tokenizer.pad_token_id or 0)
+                logits = self.loaded.model(tokens, cache=batch_cache(self.loaded.model, padding))
+                out.append(logits[:, -k:, :].astype(mx.float32))
+        return out
+
+    def kl_divergence(self) -> float:
+        """Mean KL(original ‖ steered) of next-token distributions on the harmless prompts."""
+        per_prompt = []
+        for mask, reference, logits in zip(self._kl_valid, self._reference, self._kl_logits(self._kl_inputs)):
+            steered = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            kl = (mx.exp(reference) * (reference - steered)).sum(axis=-1)  # (B, k)
+            per_prompt.append((kl * mask).sum(axis=-1) / mask.sum(axis=-1))
+        return float(mx.concatenate(per_prompt).mean().item())
+
+    # -- refusals ------------------------------------------------------------------------
+
+    def refusals(self) -> RefusalResult:
+        """Greedy answers to the harmful prompts, and which of them refuse."""
+        tokenizer, markers = self.loaded.tokenizer, self.markers
+
+        def refused(sequences: list[list[int]]) -> list[bool]:
+            return [find_refusal(text, markers) is not None for text in tokenizer.batch_decode(sequences)]
+
+        flags = [False] * len(self.harmful_tokens)
+        answers = [""] * len(self.harmful_tokens)
+        generated = 0
+        step_sizes: list[tuple[int, ...]] = []
+        for rows in self._batches(self.harmful_tokens):
+            sizes: list[int] = []
+            outputs, _ = greedy_generate(
+                self.loaded,
+                [self.harmful_tokens[r] for r in rows],
+                max_new_tokens=self.settings.max_new_tokens,
+                stop=lambda _, sequences: refused(sequences),
+                step_sizes=sizes,
+            )
+            step_sizes.append(tuple(sizes))
+            for row, text, output in zip(rows, tokenizer.batch_decode(outputs), outputs):
+                answers[row], flags[row] = text, find_refusal(text, markers) is not None
+                generated += len(output)
+        return RefusalResult(tuple(flags), tuple(answers), generated, tuple(step_sizes))
+
+    def original_answers(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy answers of whatever the model currently is, batch by batch."""
+        answers: list[list[int]] = [[] for _ in prompts]
+        for rows in self._batches(prompts):
+            outputs, _ = greedy_generate(self.loaded, [prompts[r] for r in rows], max_new_tokens=max_new_tokens)
+            for row, output in zip(rows, outputs):
+                answers[row] = output
+        return answers
+
+    def _batches(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Row indices in batches of similar length, so little work goes to padding."""
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+
+def auto_batch_size(loaded: LoadedModel, prompts: Sequence[Sequence[int]]) -> int:
+    """A batch size whose activations and KV cache fit in a quarter of free memory."""
+    longest = max((len(p) for p in prompts), default=1) + 64
+    config = loaded.config.get("text_config", loaded.config)
+    layers = loaded.n_layers
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or loaded.hidden_size // (config.get("num_attention_heads") or 1)
+    intermediate = config.get("intermediate_size") or 4 * loaded.hidden_size
+    per_row = longest * 4 * (2 * layers * heads * head_dim + 4 * intermediate + 4 * loaded.hidden_size)
+    budget = _available_memory() // 4
+    return int(max(1, min(MAX_AUTO_BATCH, budget // max(per_row, 1))))
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30

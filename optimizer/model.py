@@ -1,0 +1,400 @@
+"""Load a chat model through mlx-lm and find what abopt steers in it.
+
+Works on any mlx-lm architecture whose decoder layers have an attention output projection
+and an MLP (or mixture-of-experts) down projection writing into the residual stream:
+dense ``Linear``, ``QuantizedLinear`` of any mode, and ``SwitchLinear`` expert stacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import MODEL_REMAPPING
+
+from optimizer.errors import UserError
+from optimizer.patch import patch, set_private, unpatch
+
+ORGANISM = "organism"
+ORGANISM_PATH = Path(__file__).parent / "data" / "organism"
+
+COMPONENTS = ("attn", "mlp")
+# Submodule names under which decoder layers keep attention and MLP / MoE blocks,
+# and the names their residual-writing output projections go by across mlx-lm models.
+_CONTAINERS = {
+    "attn": ("self_attn", "attn", "attention", "self_attention"),
+    "mlp": ("mlp", "block_sparse_moe", "feed_forward", "ffn", "moe"),
+}
+_OUTPUTS = {
+    "attn": ("o_proj", "out_proj", "dense", "c_proj", "wo"),
+    "mlp": ("down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h"),
+}
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One projection whose output is steered: ``component`` of decoder layer ``layer``."""
+
+    layer: int
+    component: str
+    path: str
+    module: nn.Module = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model, its tokenizer, and what abopt knows about its structure."""
+
+    model: nn.Module = field(repr=False)
+    tokenizer: TokenizerWrapper = field(repr=False)
+    config: dict = field(repr=False)
+    source: str
+    path: Path
+    model_type: str
+    n_layers: int
+    hidden_size: int
+    targets: tuple[Target, ...] = field(repr=False)
+    identity: str
+    tokenizer_identity: str
+    dtype: str
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return decoder_layers(self.model)
+
+
+def resolve_model_path(source: str) -> Path:
+    """Local directory for ``source``: "organism", a path, or a Hugging Face id."""
+    if source == ORGANISM:
+        if not (ORGANISM_PATH / "config.json").exists():
+            raise UserError(
+                f"the bundled model organism is missing from {ORGANISM_PATH}; "
+                "reinstall abopt or run scripts/train_organism.py"
+            )
+        return ORGANISM_PATH
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"model directory {path} has no config.json; point at an mlx-lm model directory")
+        return path.resolve()
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise UserError(
+            f"model {source!r} is neither an existing directory nor a Hugging Face id (org/name); "
+            "check the path"
+        )
+    try:
+        from mlx_lm.utils import _download
+
+        return Path(_download(source))
+    except Exception as error:  # huggingface_hub raises many types; all mean "not available"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"model {source!r} is not a local directory and could not be fetched from Hugging Face "
+            f"({reason}); check the id and the network, or download it while online first"
+        ) from None
+
+
+def read_config(path: Path) -> dict:
+    """The model's config.json, checked for an architecture mlx-lm can build."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path / 'config.json'}: {error}") from None
+    model_type = config.get("model_type")
+    if not model_type:
+        raise UserError(f"{path / 'config.json'} has no model_type; it is not an mlx-lm model")
+    module_name = MODEL_REMAPPING.get(model_type, model_type)
+    try:
+        importlib.import_module(f"mlx_lm.models.{module_name}")
+    except ImportError:
+        raise UserError(
+            f"unsupported architecture {model_type!r}: mlx-lm has no model class for it; "
+            "use a model mlx-lm supports (see mlx_lm/models)"
+        ) from None
+    return config
+
+
+def rope_overrides(config: dict) -> dict:
+    """Config keys mlx-lm needs but a transformers-5 checkpoint only keeps in rope_parameters.
+
+    mlx-lm 0.32 reads ``rope_theta`` at the top level and silently falls back to its default
+    (10000) when it is absent, which makes e.g. SmolLM2 (100000) subtly wrong.
+    """
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict) or "rope_theta" in config:
+        return {}
+    if "rope_theta" in params:
+        overrides: dict[str, Any] = {"rope_theta": params["rope_theta"]}
+        if params.get("rope_type", "default") != "default" and "rope_scaling" not in config:
+            overrides["rope_scaling"] = params
+        return overrides
+    # Per-layer-type parameters (e.g. gemma3: full and sliding attention bases).
+    overrides = {}
+    if isinstance(params.get("full_attention"), dict) and "rope_theta" in params["full_attention"]:
+        overrides["rope_theta"] = params["full_attention"]["rope_theta"]
+    sliding = params.get("sliding_attention")
+    if isinstance(sliding, dict) and "rope_theta" in sliding and "rope_local_base_freq" not in config:
+        overrides["rope_local_base_freq"] = sliding["rope_theta"]
+    return overrides
+
+
+def compute_dtype(requested: str) -> mx.Dtype | None:
+    """The float dtype to run in; None keeps the checkpoint's own."""
+    if requested == "auto":
+        # bfloat16/float16 have no fast path on a CPU; float32 with OpenBLAS does.
+        return mx.float32 if mx.default_device() == mx.cpu else None
+    if requested not in _DTYPES:
+        raise UserError(f"dtype {requested!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[requested]
+
+
+def load_model(source: str, *, dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+    """Load ``source`` with mlx-lm and locate its decoder layers and steering targets."""
+    path = resolve_model_path(source)
+    config = read_config(path)
+    try:
+        model, tokenizer = mlx_lm.load(
+            str(path), model_config=rope_overrides(config), trust_remote_code=trust_remote_code
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(f"mlx-lm cannot load {source!r}: {error}") from None
+    target_dtype = compute_dtype(dtype)
+    if target_dtype is not None:
+        model.set_dtype(target_dtype)
+        mx.eval(model.parameters())
+    hidden_size = _hidden_size(model, config)
+    targets = find_targets(model, hidden_size)
+    if not targets:
+        raise UserError(
+            f"architecture {config['model_type']!r} is not supported: no attention-output or "
+            "MLP-down projections found in its decoder layers"
+        )
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        source=source,
+        path=path,
+        model_type=config["model_type"],
+        n_layers=len(decoder_layers(model)),
+        hidden_size=hidden_size,
+        targets=targets,
+        identity=model_identity(path),
+        tokenizer_identity=tokenizer_identity(path, tokenizer),
+        dtype=str(target_dtype or _first_float_dtype(model)).removeprefix("mlx.core."),
+    )
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers, in order, as the model's own forward pass runs them."""
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        inner = getattr(model, "model", None) or getattr(model, "language_model", None)
+        layers = getattr(inner, "layers", None)
+    if not isinstance(layers, list) or not layers:
+        raise UserError(f"cannot find decoder layers in {type(model).__module__}; architecture not supported")
+    return layers
+
+
+def find_targets(model: nn.Module, hidden_size: int) -> tuple[Target, ...]:
+    """Every projection that writes a decoder layer's attention or MLP output to the residual."""
+    prefix = _layers_prefix(model)
+    targets = []
+    for index, layer in enumerate(decoder_layers(model)):
+        for path, module in layer.named_modules():
+            component = _classify(path, module, hidden_size)
+            if component is not None:
+                targets.append(Target(index, component, f"{prefix}.{index}.{path}", module))
+    return tuple(sorted(targets, key=lambda t: (t.layer, COMPONENTS.index(t.component), t.path)))
+
+
+def _classify(path: str, module: nn.Module, hidden_size: int) -> str | None:
+    parts = path.split(".")
+    if len(parts) < 2 or "weight" not in module:
+        return None
+    weight = module["weight"]
+    if not isinstance(weight, mx.array) or weight.ndim not in (2, 3) or weight.shape[-2] != hidden_size:
+        return None
+    for component in COMPONENTS:
+        if parts[0] in _CONTAINERS[component] and parts[-1] in _OUTPUTS[component]:
+            return component
+    return None
+
+
+def _layers_prefix(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    for path, module in model.named_modules():
+        if module is layers[0]:
+            return path.rsplit(".", 1)[0]
+    return "model.layers"
+
+
+def _hidden_size(model: nn.Module, config: dict) -> int:
+    args = getattr(model, "args", None)
+    for source in (args.__dict__ if args is not None else {}, config, config.get("text_config", {})):
+        size = source.get("hidden_size") or source.get("d_model") or source.get("n_embd")
+        if size:
+            return int(size)
+    raise UserError(f"cannot tell the hidden size of model type {config.get('model_type')!r}")
+
+
+def _first_float_dtype(model: nn.Module) -> mx.Dtype:
+    from mlx.utils import tree_flatten
+
+    for _, value in tree_flatten(model.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating):
+            return value.dtype
+    return mx.float32
+
+
+def model_identity(path: Path) -> str:
+    """A fingerprint of the weights and config that costs milliseconds, not a full read.
+
+    Hashes config.json, each safetensors file's size and header (tensor names, dtypes,
+    shapes, offsets) and 16 evenly spaced 64 KiB samples of its data.
+    """
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with weights.open("rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            digest.update(handle.read(header_length))
+            for step in range(16):
+                handle.seek(size * step // 16)
+                digest.update(handle.read(1 << 16))
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_identity(path: Path, tokenizer: TokenizerWrapper) -> str:
+    """A fingerprint of the tokenizer files and the chat template in use."""
+    digest = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
+        if (path / name).exists():
+            digest.update(name.encode() + (path / name).read_bytes())
+    digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    return digest.hexdigest()[:16]
+
+
+def chat_tokens(tokenizer: TokenizerWrapper, prompt: str, system_prompt: str = "") -> list[int]:
+    """Token ids of ``prompt`` as a user turn, chat-templated, ready for the assistant's reply."""
+    messages = [{"role": "user", "content": prompt}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    kwargs: dict[str, Any] = {}
+    template = str(getattr(tokenizer, "chat_template", "") or "")
+    if "enable_thinking" in template:
+        # Reasoning models (Qwen3...) would otherwise open with a long think block.
+        kwargs["enable_thinking"] = False
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    except Exception:
+        if not system_prompt:
+            raise
+        # Some templates (e.g. gemma's older ones) reject the system role: fold it in.
+        merged = [{"role": "user", "content": f"{system_prompt}\n\n{prompt}"}]
+        text = tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False, **kwargs)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def pad_left(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[mx.array, list[int]]:
+    """Left-pad token sequences into one (B, T) array; returns it with each row's padding."""
+    longest = max(len(s) for s in sequences)
+    padding = [longest - len(s) for s in sequences]
+    rows = [[pad_id] * p + list(s) for p, s in zip(padding, sequences)]
+    return mx.array(rows, dtype=mx.int32), padding
+
+
+def batch_cache(model: nn.Module, left_padding: list[int]) -> list[Any]:
+    """A fresh per-layer batch KV cache whose masks hide each row's left padding.
+
+    Built from the model's own cache layout (``make_cache``), so sliding-window layers
+    get a rotating cache of their window, exactly as mlx-lm's batch generation does.
+    """
+    caches = []
+    for single in mlx_cache.make_prompt_cache(model):
+        if type(single) is mlx_cache.KVCache:
+            caches.append(mlx_cache.BatchKVCache(left_padding))
+        elif type(single) is mlx_cache.RotatingKVCache:
+            caches.append(mlx_cache.BatchRotatingKVCache(single.max_size, left_padding))
+        else:
+            raise UserError(
+                f"model uses a {type(single).__name__} cache, which abopt's batched evaluation "
+                "does not support (only attention KV caches are)"
+            )
+    return caches
+
+
+def forward(model: nn.Module, tokens: mx.array, left_padding: list[int], cache: list[Any] | None = None) -> mx.array:
+    """Logits of a left-padded batch; pass ``cache`` to keep it for generation."""
+    return model(tokens, cache=cache if cache is not None else batch_cache(model, left_padding))
+
+
+def _capture_hook(layer: nn.Module, base_call: Any, *args: Any, **kwargs: Any) -> Any:
+    out = base_call(layer, *args, **kwargs)
+    hidden = out[0] if isinstance(out, tuple) else out
+    layer._abopt_sink.append(hidden[:, -1, :].astype(mx.float32))
+    return out
+
+
+@contextmanager
+def capture_last_token(model: nn.Module) -> Iterator[list[mx.array]]:
+    """Within the block, each forward pass appends every decoder layer's output at the last
+    position (float32, shape (B, D)) to the yielded list, in layer order."""
+    sink: list[mx.array] = []
+    layers = decoder_layers(model)
+    for layer in layers:
+        set_private(layer, _abopt_sink=sink)
+        patch(layer, _capture_hook)
+    try:
+        yield sink
+    finally:
+        for layer in layers:
+            unpatch(layer)
+
+
+def final_norm(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """The norm applied to the last decoder layer's output, with its attribute name."""
+    for inner in (getattr(model, "model", None), getattr(getattr(model, "language_model", None), "model", None)):
+        if inner is None:
+            continue
+        for name in ("norm", "final_layernorm", "ln_f", "norm_f"):
+            module = getattr(inner, name, None)
+            if isinstance(module, nn.Module):
+                return module, name
+    return None
+
+
+def _slice_hook(norm: nn.Module, base_call: Any, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+    return base_call(norm, x[:, -norm._abopt_keep :], *args, **kwargs)
+
+
+@contextmanager
+def last_positions_only(model: nn.Module, keep: int) -> Iterator[None]:
+    """Within the block, the model returns logits for its last ``keep`` positions only.
+
+    The LM head is the largest matmul of a forward pass over a long prompt when the
+    vocabulary is large; abopt only ever reads the last positions' logits.
+    """
+    found = final_norm(model)
+    if found is None:
+        yield
+        return
+    norm, _ = found
+    set_private(norm, _abopt_keep=keep)
+    patch(norm, _slice_hook)
+    try:
+        yield
+    finally:
+        unpatch(norm)
