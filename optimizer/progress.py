@@ -1,0 +1,146 @@
+"""What `abopt run` shows while it works: a live panel on a terminal, log lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from optimizer.front import FrontEntry, pareto_front, quality
+
+SHOWN_TRADE_OFFS = 5
+
+
+def _percent(rate: float) -> str:
+    return f"{100 * rate:.1f}%"
+
+
+@dataclass
+class Snapshot:
+    """What the display knows of the study at one moment."""
+
+    completed: int
+    target: int
+    front: list[FrontEntry]
+    last: FrozenTrial | None
+    failed: int
+
+
+def snapshot(study: optuna.Study, target: int) -> Snapshot:
+    """Read the study's state in one pass over its trials."""
+    trials = study.get_trials(deepcopy=False)
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    last = max(completed, key=lambda t: t.datetime_complete or t.datetime_start) if completed else None
+    failed = sum(t.state == TrialState.FAIL for t in trials)
+    return Snapshot(len(completed), target, pareto_front(study) if completed else [], last, failed)
+
+
+def trade_offs_table(front: list[FrontEntry], limit: int = SHOWN_TRADE_OFFS) -> Table:
+    """The front's best trade-offs: lowest refusal rate first."""
+    table = Table(title=f"Pareto front: {len(front)} trial(s)", title_justify="left", expand=False)
+    for column in ("trial", "refusals", "KL", "quality"):
+        table.add_column(column, justify="right" if column != "quality" else "left")
+    for e in front[:limit]:
+        refused = f" ({e.refused}/{e.total})" if e.refused is not None else ""
+        table.add_row(f"#{e.number}", _percent(e.refusal_rate) + refused, f"{e.kl_divergence:.3f}", e.quality)
+    return table
+
+
+@dataclass
+class Progress:
+    """Live progress of a study run, fed with snapshots."""
+
+    study_name: str
+    started_completed: int = 0
+    start: float = field(default_factory=time.monotonic)
+    console: Console = field(default_factory=lambda: Console(stderr=False))
+    _live: Live | None = None
+
+    @property
+    def interactive(self) -> bool:
+        return self.console.is_terminal
+
+    def __enter__(self) -> "Progress":
+        if self.interactive:
+            self._live = Live(Text("starting…"), console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+            self._live = None
+
+    def log(self, message: str) -> None:
+        """A line above the live panel (or on its own when not on a terminal)."""
+        if self._live is not None:
+            self._live.console.print(message)
+        else:
+            print(message, flush=True)
+
+    def eta(self, snap: Snapshot) -> float | None:
+        done_here = snap.completed - self.started_completed
+        if done_here <= 0:
+            return None
+        per_trial = (time.monotonic() - self.start) / done_here
+        return per_trial * max(snap.target - snap.completed, 0)
+
+    def update(self, snap: Snapshot) -> None:
+        if self._live is not None:
+            self._live.update(self.render(snap))
+        elif snap.last is not None:
+            self.log(self.line(snap))
+
+    def line(self, snap: Snapshot) -> str:
+        """One plain log line per finished trial."""
+        t = snap.last
+        kl, rate = t.values
+        refused, total = t.user_attrs.get("refused"), t.user_attrs.get("total")
+        counts = f" ({refused}/{total})" if refused is not None else ""
+        best = snap.front[0] if snap.front else None
+        best_text = f" best #{best.number} {best.kl_divergence:.3f}/{_percent(best.refusal_rate)} {best.quality}" if best else ""
+        eta = self.eta(snap)
+        return (
+            f"trial {snap.completed}/{snap.target} #{t.number}: KL {kl:.4f}, refusals {_percent(rate)}{counts}"
+            f" | front {len(snap.front)}{best_text} | elapsed {_duration(time.monotonic() - self.start)}"
+            f"{f', ETA {_duration(eta)}' if eta is not None else ''}"
+        )
+
+    def render(self, snap: Snapshot) -> Group:
+        eta = self.eta(snap)
+        header = Text.assemble(
+            (f"{self.study_name}  ", "bold"),
+            f"trial {snap.completed}/{snap.target}  ",
+            f"elapsed {_duration(time.monotonic() - self.start)}  ",
+            f"ETA {_duration(eta) if eta is not None else '…'}",
+            (f"  ({snap.failed} failed)" if snap.failed else "", "yellow"),
+        )
+        parts: list = [header]
+        if snap.last is not None:
+            kl, rate = snap.last.values
+            refused, total = snap.last.user_attrs.get("refused"), snap.last.user_attrs.get("total")
+            counts = f" ({refused}/{total})" if refused is not None else ""
+            parts.append(
+                Text(f"last: #{snap.last.number}  KL {kl:.4f}  refusals {_percent(rate)}{counts}  {quality(kl, rate)}")
+            )
+        if snap.front:
+            parts.append(trade_offs_table(snap.front))
+        return Group(*parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()

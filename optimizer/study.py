@@ -1,0 +1,480 @@
+"""Optuna glue: the study in its storage, the trial objective, one worker's run loop.
+
+Everything a study depends on is resolved and checked before its storage is opened (see
+:func:`plan`), so a bad study file, model or prompt set never touches the database. The
+study remembers what it was created with (model identity, prompts, search space, scoring
+settings) and refuses to resume with anything else.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import sqlalchemy as sa
+from optuna.trial import FrozenTrial, TrialState
+
+from optimizer import __version__
+from optimizer.cache import SQLITE_BUSY_TIMEOUT, OnceStore, make_engine, tune_sqlite
+from optimizer.config import StudyConfig
+from optimizer.directions import Directions, cached_directions
+from optimizer.errors import UserError
+from optimizer.evaluate import EvalSettings, Evaluator
+from optimizer.markers import load_markers
+from optimizer.model import LoadedModel, load_model, model_identity, read_config, resolve_model_path
+from optimizer.params import AblationParams, suggest
+from optimizer.prompts import load_prompts, shared_prompts
+from optimizer.steering import Steering, install
+
+METRIC_NAMES = ("kl_divergence", "refusal_rate")
+SIGNATURE_ATTR = "abopt_signature"
+BASELINE_ATTR = "baseline"
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 30
+MAX_RETRIES = 2
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Heartbeats, the retry callback, metric names and grouped TPE are all "experimental" in
+# Optuna 5 but are exactly what abopt relies on; the warnings would only be noise to users.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+@dataclass(frozen=True)
+class PromptSets:
+    harmful_measure: tuple[str, ...]
+    harmless_measure: tuple[str, ...]
+    harmful_eval: tuple[str, ...]
+    harmless_eval: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """A study file with everything it names resolved and checked; no storage opened yet."""
+
+    config: StudyConfig
+    storage_url: str
+    model_path: Path
+    n_layers: int
+    prompts: PromptSets
+    markers: tuple[str, ...]
+    signature: dict[str, str] = field(repr=False)
+
+
+def load_prompt_sets(config: StudyConfig) -> PromptSets:
+    """The four prompt sets of a study, limited to its counts, eval disjoint from measure."""
+    p, base = config.prompts, config.base_dir
+    sets = PromptSets(
+        harmful_measure=tuple(load_prompts(p.harmful_measure, base_dir=base, limit=p.n_measure)),
+        harmless_measure=tuple(load_prompts(p.harmless_measure, base_dir=base, limit=p.n_measure)),
+        harmful_eval=tuple(load_prompts(p.harmful_eval, base_dir=base, limit=p.n_eval)),
+        harmless_eval=tuple(load_prompts(p.harmless_eval, base_dir=base, limit=p.n_eval)),
+    )
+    for kind in ("harmful", "harmless"):
+        overlap = shared_prompts(list(getattr(sets, f"{kind}_measure")), list(getattr(sets, f"{kind}_eval")))
+        if overlap:
+            raise UserError(
+                f"{config.path}: {len(overlap)} {kind} eval prompt(s) also appear in the measure set "
+                f"(e.g. {overlap[0][:60]!r}); eval prompts must be disjoint from measure prompts"
+            )
+    return sets
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan(config: StudyConfig, storage_url: str) -> StudyPlan:
+    """Resolve and check a study's model, prompts and markers without loading weights."""
+    path = resolve_model_path(config.model)
+    model_config = read_config(path)
+    text_config = model_config.get("text_config", model_config)
+    n_layers = int(text_config.get("num_hidden_layers") or text_config.get("n_layer") or 0)
+    if n_layers < 1:
+        raise UserError(f"{path / 'config.json'} does not say how many layers the model has (num_hidden_layers)")
+    config.search_space.resolve(n_layers)  # bad ranges for this depth fail here, not mid-study
+    prompts = load_prompt_sets(config)
+    markers = load_markers(config.evaluation.markers, base_dir=config.base_dir)
+    e = config.evaluation
+    signature = {
+        "model": config.model,
+        "model_identity": model_identity(path),
+        "prompts": _digest([list(getattr(prompts, f)) for f in PromptSets.__dataclass_fields__] + [config.prompts.system_prompt]),
+        "search_space": config.search_space.fingerprint()[:16],
+        "scoring": _digest([e.max_new_tokens, e.kl_tokens, list(markers), config.dtype]),
+    }
+    return StudyPlan(config, storage_url, path, n_layers, prompts, markers, signature)
+
+
+class RetryDeadTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Re-queue a dead worker's trial with its parameters, but none of its half-written results."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial = copy.copy(trial)
+        trial.user_attrs = {}
+        super().__call__(study, trial)
+
+
+def make_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna storage with heartbeats, so trials of dead workers are failed and retried."""
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
+        database = Path(url.removeprefix("sqlite:///").split("?")[0])
+        if not database.parent.is_dir():
+            raise UserError(f"storage {url}: directory {database.parent} does not exist; create it or change --storage")
+    try:
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=RetryDeadTrial(max_retry=MAX_RETRIES),
+        )
+    except (sa.exc.OperationalError, sa.exc.ArgumentError, sa.exc.DatabaseError) as error:
+        reason = str(error.orig if getattr(error, "orig", None) else error).strip().splitlines()[0]
+        raise UserError(f"cannot open storage {_redact(url)}: {reason}") from None
+    tune_sqlite(storage.engine)
+    return storage
+
+
+def _redact(url: str) -> str:
+    return sa.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
+
+
+def find_study(storage: optuna.storages.RDBStorage, name: str) -> optuna.Study | None:
+    """The study called ``name`` in ``storage``, or None."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+def check_signature(study: optuna.Study, plan: StudyPlan) -> None:
+    """Refuse to resume a study with a different model, prompts, search space or scoring."""
+    stored = study.user_attrs.get(SIGNATURE_ATTR)
+    if stored is None:
+        raise UserError(
+            f"study {study.study_name!r} in {_redact(plan.storage_url)} was not created by abopt; "
+            "pick another study name"
+        )
+    what = {
+        "model": "model",
+        "model_identity": "model weights",
+        "prompts": "prompt sets",
+        "search_space": "search space",
+        "scoring": "scoring settings (max_new_tokens, kl_tokens, markers, dtype)",
+    }
+    for key, label in what.items():
+        if stored.get(key) != plan.signature[key]:
+            detail = f" ({stored.get(key)} then, {plan.signature[key]} now)" if key == "model" else ""
+            raise UserError(
+                f"study {study.study_name!r} was created with different {label}{detail} than "
+                f"{plan.config.path.name} now gives; restore them or start a new study (change `name`)"
+            )
+
+
+def open_or_create(plan: StudyPlan) -> optuna.Study:
+    """Resume the plan's study, after checking it matches, or create it."""
+    storage = make_storage(plan.storage_url)
+    study = find_study(storage, plan.config.name)
+    if study is not None:
+        check_signature(study, plan)
+        return study
+    study = optuna.create_study(
+        study_name=plan.config.name,
+        storage=storage,
+        directions=["minimize", "minimize"],
+        load_if_exists=True,  # another worker may have created it a moment ago
+    )
+    if SIGNATURE_ATTR in study.user_attrs:
+        check_signature(study, plan)
+        return study
+    study.set_metric_names(list(METRIC_NAMES))
+    study.set_user_attr(SIGNATURE_ATTR, plan.signature)
+    study.set_user_attr("study_file", str(plan.config.path))
+    study.set_user_attr("model", plan.config.model)
+    study.set_user_attr("n_layers", plan.n_layers)
+    study.set_user_attr("abopt_version", __version__)
+    return study
+
+
+def make_sampler(config: StudyConfig, worker_index: int) -> optuna.samplers.TPESampler:
+    """Multivariate TPE, the same settings on every start; each worker its own seed."""
+    o = config.optimization
+    return optuna.samplers.TPESampler(
+        multivariate=True,
+        group=True,  # direction_index exists only in global-scope trials
+        n_startup_trials=o.n_startup_trials,
+        seed=o.seed + worker_index,
+    )
+
+
+# --- one worker --------------------------------------------------------------------------
+
+_workers = sa.Table(
+    "abopt_workers",
+    sa.MetaData(),
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study", sa.String(512), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started", sa.Float, nullable=False),
+)
+
+
+def register_worker(storage_url: str, study_name: str) -> int:
+    """A worker index unique within the study: how many workers registered before this one.
+
+    Seeds are ``seed + index``, so two processes never replay the same random samples,
+    whether they start together, on other machines, or after a resume.
+    """
+    engine = make_engine(storage_url)
+    _workers.metadata.create_all(engine, checkfirst=True)
+    with engine.begin() as connection:
+        row_id = connection.execute(
+            _workers.insert().values(study=study_name, host=socket.gethostname(), pid=os.getpid(), started=time.time())
+        ).inserted_primary_key[0]
+        index = connection.execute(
+            sa.select(sa.func.count()).select_from(_workers).where(_workers.c.study == study_name, _workers.c.id < row_id)
+        ).scalar()
+    engine.dispose()
+    return int(index)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dead_trials(study: optuna.Study) -> list[int]:
+    """Fail and re-queue RUNNING trials whose worker process on this host is gone.
+
+    Heartbeats catch them too, but only after the grace period; a restart on the same
+    machine (the common case after a crash) knows at once. Returns the failed numbers.
+    """
+    host = socket.gethostname()
+    retry = RetryDeadTrial(max_retry=MAX_RETRIES)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", {})
+        if worker.get("host") != host or _pid_alive(int(worker.get("pid", 0))) or worker.get("pid") == os.getpid():
+            continue
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "failure", f"worker process {worker['pid']} died")
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        retry(study, study._storage.get_trial(trial._trial_id))
+        failed.append(trial.number)
+    return failed
+
+
+def completed_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+@dataclass
+class Worker:
+    """One process's share of a study: model loaded and steered, prompts prepared."""
+
+    plan: StudyPlan
+    loaded: LoadedModel
+    steering: Steering
+    directions: Directions
+    evaluator: Evaluator
+    baseline: dict[str, Any]
+    index: int
+    measured: bool
+    on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None
+    timings: list[float] = field(default_factory=list)
+
+    @property
+    def config(self) -> StudyConfig:
+        return self.plan.config
+
+
+def baseline_of(evaluator: Evaluator, sample_count: int) -> dict[str, Any]:
+    """The untouched model's scores (steering must be clear)."""
+    result = evaluator.refusals()
+    return {
+        "kl_divergence": 0.0,
+        "refusal_rate": result.rate,
+        "refused": result.refused,
+        "total": result.total,
+        "answers": list(result.answers[:sample_count]),
+    }
+
+
+def start_worker(plan: StudyPlan, study: optuna.Study, log: Callable[[str], None] = print) -> Worker:
+    """Load the model, get the directions (measuring only if nobody has) and the baseline."""
+    config = plan.config
+    log(f"loading {config.model}")
+    loaded = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    steering = install(loaded.targets)
+    store = OnceStore(plan.storage_url)
+    prompts = plan.prompts
+    directions, measured = cached_directions(
+        store,
+        loaded,
+        prompts.harmful_measure,
+        prompts.harmless_measure,
+        system_prompt=config.prompts.system_prompt,
+        batch_size=config.evaluation.batch_size or 32,
+    )
+    log(
+        f"directions {'measured' if measured else 'from the study cache'} "
+        f"({directions.n_layers} layers, best separation at layer {directions.best_layer}"
+        f"{f', {directions.seconds:.1f} s' if measured else ''})"
+    )
+    e = config.evaluation
+    evaluator = Evaluator(
+        loaded,
+        prompts.harmful_eval,
+        prompts.harmless_eval,
+        plan.markers,
+        EvalSettings(e.max_new_tokens, e.kl_tokens, e.batch_size, config.prompts.system_prompt),
+    )
+    payload, _ = store.get_or_compute(
+        "baseline:" + plan.signature["model_identity"] + plan.signature["prompts"] + plan.signature["scoring"],
+        lambda: json.dumps(baseline_of(evaluator, e.sample_answers)).encode(),
+    )
+    store.close()
+    baseline = json.loads(payload)
+    if BASELINE_ATTR not in study.user_attrs:
+        study.set_user_attr(BASELINE_ATTR, baseline)
+    index = register_worker(plan.storage_url, config.name)
+    return Worker(plan, loaded, steering, directions, evaluator, baseline, index, measured)
+
+
+class _Skip(optuna.TrialPruned):
+    """Raised for a trial started after the study already had its trials."""
+
+
+def _objective(worker: Worker, target: int) -> Callable[[optuna.Trial], tuple[float, float]]:
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "index": worker.index})
+        retried = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+        if retried is not None:
+            trial.set_user_attr("retry_of", retried)
+        # Workers ask for trials concurrently: the lowest-numbered ones up to the target
+        # run, any beyond it are dropped, so the study ends with exactly `target` trials.
+        earlier = [
+            t
+            for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            if t.number < trial.number
+        ]
+        if len(earlier) >= target:
+            raise _Skip(f"the study already has {len(earlier)} complete or running trials")
+        try:
+            return run_trial(worker, trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("failure", "interrupted (Ctrl-C)")
+            raise
+
+    return objective
+
+
+def run_trial(worker: Worker, trial: optuna.Trial) -> tuple[float, float]:
+    """Steer as the trial's parameters say, score, and record everything on the trial."""
+    start = time.perf_counter()
+    params = suggest(trial, worker.config.search_space, worker.loaded.n_layers)
+    weights = apply(worker, params)
+    kl_start = time.perf_counter()
+    kl = worker.evaluator.kl_divergence()
+    kl_seconds = time.perf_counter() - kl_start
+    ceiling = worker.config.optimization.kl_ceiling
+    feasible = not ceiling or kl <= ceiling
+    refusal_seconds = 0.0
+    if feasible:
+        refusal_start = time.perf_counter()
+        result = worker.evaluator.refusals()
+        refusal_seconds = time.perf_counter() - refusal_start
+        rate, refused, total, answers = result.rate, result.refused, result.total, list(result.answers)
+        generated = result.generated_tokens
+    else:
+        # Not worth generating for: recorded as infeasible with the worst refusal rate.
+        rate, refused, total, answers, generated = 1.0, None, len(worker.evaluator.harmful_tokens), [], 0
+        trial.set_user_attr("refusal_stage", f"skipped: KL {kl:.3f} above the ceiling {ceiling:g}")
+    if ceiling:
+        trial.set_constraint("kl_ceiling", kl - ceiling)
+        trial.set_user_attr("feasible", feasible)  # optuna-dashboard 0.21 shows user attrs only
+    worker.steering.clear()
+    n = worker.config.evaluation.sample_answers
+    harmful = worker.plan.prompts.harmful_eval
+    trial.set_user_attr("ablation", params.to_dict())
+    trial.set_user_attr("layer_weights", {k: [round(float(x), 5) for x in v] for k, v in weights.items()})
+    trial.set_user_attr("refused", refused)
+    trial.set_user_attr("total", total)
+    trial.set_user_attr("sample_answers", [{"prompt": p, "answer": a} for p, a in zip(harmful[:n], answers[:n])])
+    trial.set_user_attr("generated_tokens", generated)
+    engine_seconds = kl_seconds + refusal_seconds
+    trial.set_user_attr(
+        "seconds",
+        {"kl": round(kl_seconds, 4), "refusal": round(refusal_seconds, 4), "trial": round(time.perf_counter() - start, 4)},
+    )
+    worker.timings.append(engine_seconds)
+    return kl, rate
+
+
+def apply(worker: Worker, params: AblationParams) -> dict[str, Any]:
+    """Set the model's steering to ``params``; returns the per-layer weights."""
+    weights = params.layer_weights(worker.loaded.n_layers)
+    worker.steering.set(weights, params.direction(worker.directions))
+    return weights
+
+
+def _wait_for_work(study: optuna.Study, target: int) -> bool:
+    """True when this worker should start another trial, False when the study is done.
+
+    While the other workers' running trials would complete the study, wait: if one of
+    them dies instead, its trial is failed (same host at once, others by heartbeat) and
+    re-queued, and there is work again.
+    """
+    while True:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        complete = sum(t.state == TrialState.COMPLETE for t in trials)
+        if complete >= target:
+            return False
+        if len(trials) < target:
+            return True
+        time.sleep(1.0)
+        recover_dead_trials(study)
+        optuna.storages.fail_stale_trials(study)
+
+
+def run_worker(worker: Worker, study: optuna.Study, target: int) -> None:
+    """Run trials until the study has ``target`` complete ones (raises KeyboardInterrupt on Ctrl-C)."""
+    recover_dead_trials(study)
+    if not _wait_for_work(study, target):
+        return
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        if worker.on_trial is not None:
+            worker.on_trial(study, trial)
+        if not _wait_for_work(study, target):
+            study.stop()
+
+    study.optimize(_objective(worker, target), callbacks=[after_trial], gc_after_trial=False)
+
+
+def load_for_worker(plan: StudyPlan, worker_index: int) -> optuna.Study:
+    """The plan's study with this worker's sampler."""
+    return optuna.load_study(
+        study_name=plan.config.name,
+        storage=make_storage(plan.storage_url),
+        sampler=make_sampler(plan.config, worker_index),
+    )
