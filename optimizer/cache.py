@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Callable
+from typing import Callable, TypeVar
 
 import sqlalchemy as sa
 
@@ -57,12 +57,44 @@ def make_engine(storage_url: str) -> sa.Engine:
     return sa.create_engine(storage_url, pool_pre_ping=True)
 
 
+SCHEMA_LOCK_KEY = 0x0AB0_0001  # pg_advisory_lock key serialising abopt's first-start table creation
+T = TypeVar("T")
+
+
+def serialized_setup(storage_url: str, setup: Callable[[], T]) -> T:
+    """Run ``setup``, which may create tables, safely when several workers start at once.
+
+    Two processes creating the same tables race: PostgreSQL then fails on its catalog's
+    unique index, SQLite with "table already exists". PostgreSQL gets an advisory lock;
+    SQLite, whose writers are serialised anyway, just retries the loser.
+    """
+    if storage_url.startswith("postgresql"):
+        engine = sa.create_engine(storage_url)
+        try:
+            with engine.connect() as connection:
+                connection.execute(sa.text("select pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                try:
+                    return setup()
+                finally:
+                    connection.execute(sa.text("select pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        finally:
+            engine.dispose()
+    for attempt in range(20):
+        try:
+            return setup()
+        except sa.exc.OperationalError as error:
+            if "already exists" not in str(error) or attempt == 19:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
 class OnceStore:
     """Byte payloads keyed by fingerprint, each computed by exactly one worker."""
 
     def __init__(self, storage_url: str) -> None:
         self.engine = make_engine(storage_url)
-        _metadata.create_all(self.engine, checkfirst=True)
+        serialized_setup(storage_url, lambda: _metadata.create_all(self.engine, checkfirst=True))
 
     def get(self, key: str) -> bytes | None:
         """The payload stored under ``key``, if computed."""

@@ -91,24 +91,12 @@ def _shown_url(url: str) -> str:
 
 
 def _print_front(config, storage_url: str, console: Console) -> None:
-    import optuna
-
-    from optimizer.front import baseline, pareto_front
-    from optimizer.progress import trade_offs_table
-    from optimizer.study import find_study, make_storage
+    from optimizer.report import front_table
+    from optimizer.study import completed_count, find_study, make_storage
 
     study = find_study(make_storage(storage_url), config.name)
-    if study is None:
-        return
-    base = baseline(study)
-    if base:
-        console.print(
-            f"baseline (untouched model): refusals {100 * base['refusal_rate']:.1f}% "
-            f"({base['refused']}/{base['total']}), KL 0"
-        )
-    front = pareto_front(study) if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) else []
-    if front:
-        console.print(trade_offs_table(front, limit=len(front)))
+    if study is not None and completed_count(study):
+        console.print(front_table(study))
 
 
 @cli.command()
@@ -156,6 +144,178 @@ def directions_table(directions):
         bar = "█" * max(0, round(20 * d / top))
         best = " ← best" if layer == directions.best_layer else ""
         table.add_row(str(layer), f"{d:.2f}", f"{float(directions.mean_gap[layer]):.3f}", following, bar + best)
+    return table
+
+
+# --- browsing a study: front, show, report, dashboard (the work is in report.py,
+# report_html.py and dashboard.py) ------------------------------------------------------
+
+
+def _open(study_file: str | None, storage: str | None):
+    """The config, storage URL and existing study of a study file (UserError if none)."""
+    from optimizer.report import open_study
+
+    config, storage_url = _load(study_file, storage)
+    return config, storage_url, open_study(config.name, storage_url, study_file or "")
+
+
+def _wide_console() -> Console:
+    """A console for wide tables: the terminal's width, or 160 columns into a pipe or file."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+@cli.command()
+@click.argument("study_file", required=False, metavar="[STUDY.toml]")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list: the original model first (trial null), then the front.")
+@_study_option
+def front(study_file: str | None, as_json: bool, storage: str | None) -> None:
+    """The Pareto front: the trials worth choosing from, lowest refusal rate first."""
+    import json
+
+    from optimizer.report import front_records, front_table
+
+    _, _, study = _open(study_file, storage)
+    if as_json:
+        click.echo(json.dumps(front_records(study), indent=2))
+    else:
+        _wide_console().print(front_table(study))
+
+
+@cli.command()
+@click.argument("args", nargs=-1, required=True, metavar="[STUDY.toml] TRIAL")
+@click.option("--json", "as_json", is_flag=True, help="Print everything about the trial as JSON.")
+@_study_option
+def show(args: tuple[str, ...], as_json: bool, storage: str | None) -> None:
+    """Everything about one trial: scores, parameters, per-layer weights, timings, sample answers."""
+    import json
+
+    from optimizer.report import trial_record, trial_view
+    from optimizer.study import completed_trial
+
+    if len(args) > 2 or not args[-1].lstrip("-").isdigit():
+        raise UserError(f"expected [STUDY.toml] TRIAL with TRIAL a trial number, got {' '.join(args)!r}; e.g. abopt show study.toml 12")
+    _, _, study = _open(args[0] if len(args) == 2 else None, storage)
+    trial = completed_trial(study, int(args[-1]))
+    if as_json:
+        click.echo(json.dumps(trial_record(study, trial), indent=2))
+    else:
+        Console().print(trial_view(study, trial))
+
+
+@cli.command()
+@click.argument("study_file", required=False, metavar="[STUDY.toml]")
+@click.option("--html", "html_file", required=True, type=click.Path(dir_okay=True, path_type=Path), metavar="FILE", help="The HTML file to write (self-contained, opens offline).")
+@_study_option
+def report(study_file: str | None, html_file: Path, storage: str | None) -> None:
+    """Write the study as one HTML page: front, weight profiles, history, importances."""
+    from optimizer.report_html import write_report
+
+    _, _, study = _open(study_file, storage)
+    size = write_report(study, html_file)
+    click.echo(f"wrote {html_file} ({size / 1e6:.1f} MB); open it in any browser, no network needed")
+
+
+@cli.command()
+@click.argument("study_file", required=False, metavar="[STUDY.toml]")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port on 127.0.0.1 (0: any free port).")
+@_study_option
+def dashboard(study_file: str | None, port: int, storage: str | None) -> None:
+    """Serve optuna-dashboard for the study on 127.0.0.1, with trial notes and profile plots."""
+    from optimizer.dashboard import annotate_study, artifact_dir, artifact_store, dashboard_server, serve, study_url
+
+    config, storage_url, study = _open(study_file, storage)
+    store = artifact_store(artifact_dir(config, storage_url))
+    server = dashboard_server(study._storage, store, port)
+    added = annotate_study(study, store)
+    if added:
+        click.echo(f"added notes and profile plots to {added} trial(s) that had none")
+    click.echo(f"optuna-dashboard for study {config.name!r}: {study_url(server, study)}")
+    click.echo(f"artifacts: {artifact_dir(config, storage_url)} · stop with Ctrl-C")
+    serve(server)
+    click.echo("dashboard stopped")
+
+
+# --- using a trial: export and chat (the work is in export.py, chat.py, trial_model.py) ---
+
+
+def _trial_args(args: tuple[str, ...], usage: str, extra: int = 0) -> tuple[str | None, int, tuple[str, ...]]:
+    """Split ``[STUDY.toml] TRIAL`` plus ``extra`` trailing arguments."""
+    head, tail = args[: len(args) - extra], args[len(args) - extra :]
+    if len(head) not in (1, 2) or not head[-1].isdigit():
+        raise UserError(f"expected {usage} with TRIAL a trial number, got {' '.join(args)!r}; e.g. abopt {usage.replace('[STUDY.toml]', 'study.toml').replace('TRIAL', '12')}")
+    return (head[0] if len(head) == 2 else None), int(head[-1]), tail
+
+
+@cli.command()
+@click.argument("args", nargs=-1, required=True, metavar="[STUDY.toml] TRIAL OUT_DIR")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Float dtype of the rewritten float tensors (default: the source's).")
+@click.option("--quantize", type=click.Choice(["keep", "none"]), default="keep", show_default=True, help="Edited quantized matrices: re-quantize them as they were, or store them dense.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (only once the new export is verified).")
+@_study_option
+def export(args: tuple[str, ...], dtype: str | None, quantize: str, force: bool, storage: str | None) -> None:
+    """Bake a trial's steering into the weights, verify the result, and write it to OUT_DIR."""
+    from optimizer.export import ExportOptions, export_trial
+    from optimizer.study import plan
+
+    study_file, number, (out_dir,) = _trial_args(args, "export [STUDY.toml] TRIAL OUT_DIR", extra=1)
+    config, storage_url, study = _open(study_file, storage)
+    console = Console()
+    result = export_trial(
+        plan(config, storage_url),
+        study,
+        number,
+        out_dir,
+        ExportOptions(dtype=dtype, quantize=quantize, force=force),
+        log=lambda message: console.print(message, highlight=False),
+    )
+    w, seconds = result.write, result.seconds
+    console.print(
+        f"trial {number} exported to {result.out_dir}: {len(w.edited)} tensors edited in "
+        f"{len(w.files) - len(w.copied_files)}/{len(w.files)} weight files, {w.total_size / 1e6:.1f} MB "
+        f"({seconds['load']:.1f} s load, {seconds['write']:.1f} s write, {seconds['verify']:.1f} s verify)",
+        highlight=False,
+    )
+    console.print(f"try it: mlx_lm.generate --model {result.out_dir} --prompt \"Hello\"", highlight=False, soft_wrap=True)
+
+
+@cli.command()
+@click.argument("args", nargs=-1, required=True, metavar="[STUDY.toml] TRIAL")
+@click.option("--prompt", help="Answer this one prompt and exit (default: interactive).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Longest answer, in tokens.")
+@_study_option
+def chat(args: tuple[str, ...], prompt: str | None, max_tokens: int, storage: str | None) -> None:
+    """The original and the trial-steered model answer side by side (runtime steering, greedy)."""
+    from optimizer.chat import side_by_side
+    from optimizer.study import plan
+    from optimizer.trial_model import load_trial_model
+
+    study_file, number, _ = _trial_args(args, "chat [STUDY.toml] TRIAL")
+    config, storage_url, study = _open(study_file, storage)
+    console = _wide_console()
+    trial_model = load_trial_model(plan(config, storage_url), study, number)
+    if prompt is not None:
+        console.print(_exchange_table(side_by_side(trial_model, prompt, max_tokens=max_tokens), number))
+        return
+    console.print(f"chatting with {config.model}, original vs trial {number}; an empty line or Ctrl-D ends")
+    while True:
+        try:
+            text = click.prompt("you", default="", show_default=False, prompt_suffix="> ")
+        except (EOFError, click.exceptions.Abort):
+            break
+        if not text.strip():
+            break
+        console.print(_exchange_table(side_by_side(trial_model, text, max_tokens=max_tokens), number))
+
+
+def _exchange_table(exchange, number: int):
+    from rich.table import Table
+
+    table = Table(title=exchange.prompt, title_justify="left", show_lines=False, expand=True)
+    refuses = {True: " (refuses)", False: ""}
+    table.add_column(f"original{refuses[exchange.original_refuses]}", ratio=1)
+    table.add_column(f"trial {number}{refuses[exchange.steered_refuses]}", ratio=1)
+    table.add_row(exchange.original, exchange.steered)
     return table
 
 

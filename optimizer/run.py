@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
+
 from optimizer.config import StudyConfig
 from optimizer.progress import Progress, snapshot
 from optimizer.study import (
     StudyPlan,
     completed_count,
-    load_for_worker,
+    make_storage,
     open_or_create,
     plan,
     run_worker,
@@ -63,7 +65,7 @@ def _run_here(study_plan: StudyPlan, study, target: int, progress: Progress) -> 
         with progress:
             worker = start_worker(study_plan, study, log=progress.log)
             worker.on_trial = lambda s, _: progress.update(snapshot(s, target))
-            run_worker(worker, load_for_worker(study_plan, worker.index), target)
+            run_worker(worker, target)
     except KeyboardInterrupt:
         return True
     return False
@@ -81,7 +83,7 @@ def run_as_worker(config: StudyConfig, storage_url: str, n_trials: int | None) -
     try:
         worker = start_worker(study_plan, study, log=log)
         log(f"worker index {worker.index}, seed {config.optimization.seed + worker.index}")
-        run_worker(worker, load_for_worker(study_plan, worker.index), target)
+        run_worker(worker, target)
     except KeyboardInterrupt:
         return True
     return False
@@ -112,7 +114,7 @@ def _run_processes(study_plan: StudyPlan, target: int, workers: int, progress: P
     for k in range(workers):
         log = (log_dir / f"worker-{k}.log").open("w")
         processes.append((subprocess.Popen(_worker_command(study_plan, target), env=env, stdout=log, stderr=log), log))
-    study = load_for_worker(study_plan, 0)
+    study = optuna.load_study(study_name=study_plan.config.name, storage=make_storage(study_plan.storage_url))
     interrupted = False
     seen = -1
     with progress:

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
 from optimizer import __version__
-from optimizer.cache import SQLITE_BUSY_TIMEOUT, OnceStore, make_engine, tune_sqlite
+from optimizer.cache import SQLITE_BUSY_TIMEOUT, OnceStore, make_engine, serialized_setup, tune_sqlite
 from optimizer.config import StudyConfig
 from optimizer.directions import Directions, cached_directions
 from optimizer.errors import UserError
@@ -42,7 +42,9 @@ HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
 MAX_RETRIES = 2
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Optuna logs every failed trial with its traceback at WARNING; abopt reports failures itself
+# (an interrupted trial is expected, and a real error propagates with its traceback).
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 # Heartbeats, the retry callback, metric names and grouped TPE are all "experimental" in
 # Optuna 5 but are exactly what abopt relies on; the warnings would only be noise to users.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -132,12 +134,15 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
         if not database.parent.is_dir():
             raise UserError(f"storage {url}: directory {database.parent} does not exist; create it or change --storage")
     try:
-        storage = optuna.storages.RDBStorage(
+        storage = serialized_setup(
             url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=RetryDeadTrial(max_retry=MAX_RETRIES),
+            lambda: optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=RetryDeadTrial(max_retry=MAX_RETRIES),
+            ),
         )
     except (sa.exc.OperationalError, sa.exc.ArgumentError, sa.exc.DatabaseError) as error:
         reason = str(error.orig if getattr(error, "orig", None) else error).strip().splitlines()[0]
@@ -207,6 +212,39 @@ def open_or_create(plan: StudyPlan) -> optuna.Study:
     return study
 
 
+def open_existing(plan: StudyPlan) -> optuna.Study:
+    """The plan's study, which must exist and match the plan (for front, show, export...)."""
+    study = find_study(make_storage(plan.storage_url), plan.config.name)
+    if study is None:
+        raise UserError(
+            f"no study {plan.config.name!r} in {_redact(plan.storage_url)}; "
+            f"start it with: abopt run {plan.config.path}"
+        )
+    check_signature(study, plan)
+    return study
+
+
+def completed_trial(study: optuna.Study, number: int) -> FrozenTrial:
+    """Trial ``number`` of ``study``, which must have completed."""
+    trials = study.get_trials(deepcopy=False)
+    match = [t for t in trials if t.number == number]
+    if not match:
+        raise UserError(
+            f"study {study.study_name!r} has no trial {number} (it has trials 0 to {len(trials) - 1}); "
+            "see `abopt front` for the ones worth choosing"
+        )
+    if match[0].state != TrialState.COMPLETE:
+        raise UserError(
+            f"trial {number} of study {study.study_name!r} is {match[0].state.name}, not COMPLETE; pick a complete trial"
+        )
+    return match[0]
+
+
+def trial_params(trial: FrozenTrial) -> AblationParams:
+    """The ablation a trial applied, as stored with it."""
+    return AblationParams.from_dict(trial.user_attrs["ablation"])
+
+
 def make_sampler(config: StudyConfig, worker_index: int) -> optuna.samplers.TPESampler:
     """Multivariate TPE, the same settings on every start; each worker its own seed."""
     o = config.optimization
@@ -228,17 +266,19 @@ _workers = sa.Table(
     sa.Column("host", sa.String(255), nullable=False),
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("started", sa.Float, nullable=False),
+    sa.Column("sampler", sa.Text),  # the live sampler's settings, as JSON
 )
 
 
-def register_worker(storage_url: str, study_name: str) -> int:
-    """A worker index unique within the study: how many workers registered before this one.
+def register_worker(storage_url: str, study_name: str) -> tuple[int, int]:
+    """Register this process; returns its row id and its worker index within the study.
 
-    Seeds are ``seed + index``, so two processes never replay the same random samples,
-    whether they start together, on other machines, or after a resume.
+    The index is how many workers registered before this one. Seeds are ``seed + index``,
+    so two processes never replay the same random samples, whether they start together,
+    on other machines, or after a resume.
     """
     engine = make_engine(storage_url)
-    _workers.metadata.create_all(engine, checkfirst=True)
+    serialized_setup(storage_url, lambda: _workers.metadata.create_all(engine, checkfirst=True))
     with engine.begin() as connection:
         row_id = connection.execute(
             _workers.insert().values(study=study_name, host=socket.gethostname(), pid=os.getpid(), started=time.time())
@@ -247,7 +287,38 @@ def register_worker(storage_url: str, study_name: str) -> int:
             sa.select(sa.func.count()).select_from(_workers).where(_workers.c.study == study_name, _workers.c.id < row_id)
         ).scalar()
     engine.dispose()
-    return int(index)
+    return int(row_id), int(index)
+
+
+def sampler_settings(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> dict[str, Any]:
+    """What a live sampler will actually do on ``study`` (read back from the object itself)."""
+    settings: dict[str, Any] = {"sampler": type(sampler).__name__}
+    if isinstance(sampler, optuna.samplers.TPESampler):
+        settings.update(
+            multivariate=sampler._is_multivariate(study),
+            group=bool(sampler._group),
+            n_startup_trials=sampler._n_startup_trials,
+        )
+    return settings
+
+
+def worker_records(storage_url: str, study_name: str) -> list[dict[str, Any]]:
+    """Every worker that ever ran on the study, oldest first, with its sampler settings."""
+    engine = make_engine(storage_url)
+    serialized_setup(storage_url, lambda: _workers.metadata.create_all(engine, checkfirst=True))
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.select(_workers).where(_workers.c.study == study_name).order_by(_workers.c.id)
+        ).mappings().all()
+    engine.dispose()
+    return [dict(row, sampler=json.loads(row["sampler"]) if row["sampler"] else None) for row in rows]
+
+
+def _record_sampler(storage_url: str, row_id: int, settings: dict[str, Any]) -> None:
+    engine = make_engine(storage_url)
+    with engine.begin() as connection:
+        connection.execute(_workers.update().where(_workers.c.id == row_id).values(sampler=json.dumps(settings)))
+    engine.dispose()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -292,6 +363,7 @@ class Worker:
     """One process's share of a study: model loaded and steered, prompts prepared."""
 
     plan: StudyPlan
+    study: optuna.Study  # with this worker's sampler
     loaded: LoadedModel
     steering: Steering
     directions: Directions
@@ -356,8 +428,11 @@ def start_worker(plan: StudyPlan, study: optuna.Study, log: Callable[[str], None
     baseline = json.loads(payload)
     if BASELINE_ATTR not in study.user_attrs:
         study.set_user_attr(BASELINE_ATTR, baseline)
-    index = register_worker(plan.storage_url, config.name)
-    return Worker(plan, loaded, steering, directions, evaluator, baseline, index, measured)
+    row_id, index = register_worker(plan.storage_url, config.name)
+    sampler = make_sampler(config, index)
+    study = optuna.load_study(study_name=config.name, storage=study._storage, sampler=sampler)
+    _record_sampler(plan.storage_url, row_id, sampler_settings(sampler, study) | {"seed": config.optimization.seed + index})
+    return Worker(plan, study, loaded, steering, directions, evaluator, baseline, index, measured)
 
 
 class _Skip(optuna.TrialPruned):
@@ -456,8 +531,9 @@ def _wait_for_work(study: optuna.Study, target: int) -> bool:
         optuna.storages.fail_stale_trials(study)
 
 
-def run_worker(worker: Worker, study: optuna.Study, target: int) -> None:
+def run_worker(worker: Worker, target: int) -> None:
     """Run trials until the study has ``target`` complete ones (raises KeyboardInterrupt on Ctrl-C)."""
+    study = worker.study
     recover_dead_trials(study)
     if not _wait_for_work(study, target):
         return
@@ -469,12 +545,3 @@ def run_worker(worker: Worker, study: optuna.Study, target: int) -> None:
             study.stop()
 
     study.optimize(_objective(worker, target), callbacks=[after_trial], gc_after_trial=False)
-
-
-def load_for_worker(plan: StudyPlan, worker_index: int) -> optuna.Study:
-    """The plan's study with this worker's sampler."""
-    return optuna.load_study(
-        study_name=plan.config.name,
-        storage=make_storage(plan.storage_url),
-        sampler=make_sampler(plan.config, worker_index),
-    )
