@@ -1,0 +1,318 @@
+"""`abopt run` end to end: real processes, real Optuna, real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import run_abopt, write_study
+from optimizer.study import worker_records
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def load(storage: str, name: str = "t") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def states(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def cache_computations(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as connection:
+        return dict(connection.execute("select key, computations from abopt_cache").fetchall())
+
+
+def wait_for(condition, timeout: float = 300, step: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(step)
+
+
+def trial_states(db: Path) -> list[str]:
+    """Trial states read with plain sqlite3, safe while another process writes."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=30) as connection:
+            return [row[0] for row in connection.execute("select state from trials order by number")]
+    except sqlite3.OperationalError:
+        return []
+
+
+def running_trial_has_params(db: Path) -> bool:
+    """A trial is RUNNING and has sampled all its parameters (so it is scoring)."""
+    try:
+        with sqlite3.connect(db, timeout=30) as connection:
+            return (
+                connection.execute(
+                    "select count(*) from trials t join trial_params p on p.trial_id = t.trial_id "
+                    "where t.state = 'RUNNING'"
+                ).fetchone()[0]
+                >= 9  # 8 profile numbers and the scope (+ direction_index for a global scope)
+            )
+    except sqlite3.OperationalError:
+        return False
+
+
+def start(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "optimizer", *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_run_records_everything_a_trial_needs(tmp_path, tiny_model_dir):
+    study_file = write_study(tmp_path, tiny_model_dir, n_trials=4)
+    result = run_abopt("run", study_file, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "done: 4 complete trials" in result.stdout
+    study = load(sqlite_url(tmp_path / "t.db"))
+    assert study.metric_names == ["kl_divergence", "refusal_rate"]
+    assert study.user_attrs["baseline"]["total"] == 8
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4
+    for trial in complete:
+        attrs = trial.user_attrs
+        assert set(attrs["layer_weights"]) == {"attn", "mlp"} and len(attrs["layer_weights"]["mlp"]) == 6
+        assert attrs["total"] == 8 and 0 <= attrs["refused"] <= 8
+        assert trial.values[1] == pytest.approx(attrs["refused"] / attrs["total"])
+        assert set(attrs["seconds"]) == {"kl", "refusal", "trial"}
+        assert len(attrs["sample_answers"]) == 3 and attrs["sample_answers"][0]["prompt"]
+        assert attrs["ablation"]["direction_scope"] in ("global", "per_layer")
+        assert "attn.max_weight" in trial.params
+
+
+def test_running_again_after_completion_does_nothing(tmp_path, tiny_model_dir):
+    study_file = write_study(tmp_path, tiny_model_dir, n_trials=2)
+    assert run_abopt("run", study_file, cwd=tmp_path).returncode == 0
+    again = run_abopt("run", study_file, cwd=tmp_path)
+    assert again.returncode == 0 and "done: 2 complete trials" in again.stdout
+    assert states(load(sqlite_url(tmp_path / "t.db"))) == {"COMPLETE": 2}
+    assert "directions from the study cache" in again.stdout
+
+
+@pytest.mark.slow
+def test_kill_9_mid_trial_then_resume_finishes_exactly_n(tmp_path, tiny_model_dir):
+    study_file = write_study(tmp_path, tiny_model_dir, n_trials=8)
+    db = tmp_path / "t.db"
+    process = start("run", study_file, cwd=tmp_path)
+    # Kill while a trial is running, after a couple have completed.
+    wait_for(lambda: trial_states(db).count("COMPLETE") >= 2 and running_trial_has_params(db))
+    process.kill()
+    process.wait()
+    killed = len(trial_states(db)) - 1
+    print(f"killed during trial {killed}; states then: {trial_states(db)}")
+    result = run_abopt("run", study_file, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    study = load(sqlite_url(db))
+    trials = study.get_trials()
+    assert states(study).get("COMPLETE") == 8
+    assert trials[killed].state == TrialState.FAIL
+    assert "died" in trials[killed].user_attrs["failure"]
+    retried = [t for t in trials if t.user_attrs.get("retry_of") == killed]
+    # The retry replays what the killed trial had sampled.
+    assert len(retried) == 1 and trials[killed].params.items() <= retried[0].params.items()
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("pragma integrity_check").fetchone() == ("ok",)
+    directions = {k: v for k, v in cache_computations(db).items() if k.startswith("directions:")}
+    assert list(directions.values()) == [1], "directions were measured again after the crash"
+    assert "directions from the study cache" in result.stdout
+
+
+@pytest.mark.slow
+def test_sigint_exits_130_with_resume_hint_and_resume_completes(tmp_path, tiny_model_dir):
+    study_file = write_study(tmp_path, tiny_model_dir, n_trials=8)
+    db = tmp_path / "t.db"
+    process = start("run", study_file, "--n-trials", "8", cwd=tmp_path)
+    wait_for(lambda: trial_states(db).count("COMPLETE") >= 1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "resume with:" in stdout
+    assert f"abopt run {study_file} --n-trials 8" in stdout
+    assert "Traceback" not in stderr
+    interrupted = [t for t in load(sqlite_url(db)).get_trials() if t.state == TrialState.FAIL]
+    assert all(t.user_attrs.get("failure") == "interrupted (Ctrl-C)" for t in interrupted)
+    result = run_abopt("run", study_file, "--n-trials", "8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert states(load(sqlite_url(db)))["COMPLETE"] == 8
+
+
+def _check_shared_run(study: optuna.Study, n: int, directions_measured: int) -> None:
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(len(trials))), "lost or duplicated trial numbers"
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n
+    params = [json.dumps(t.params, sort_keys=True) for t in complete]
+    assert len(set(params)) == len(params), "two trials sampled identical parameters"
+    assert directions_measured == 1
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_sqlite_file(tmp_path, tiny_model_dir):
+    study_file = write_study(tmp_path, tiny_model_dir, n_trials=10)
+    result = run_abopt("run", study_file, "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    db = tmp_path / "t.db"
+    study = load(sqlite_url(db))
+    measured = [v for k, v in cache_computations(db).items() if k.startswith("directions:")]
+    _check_shared_run(study, 10, sum(measured))
+    indices = {t.user_attrs["worker"]["index"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert indices == {0, 1}
+    seeds = [w["sampler"]["seed"] for w in worker_records(sqlite_url(db), "t")]
+    assert len(set(seeds)) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_four_workers_on_postgresql(tmp_path, tiny_model_dir, postgres_url):
+    import sqlalchemy as sa
+
+    study_file = write_study(tmp_path, tiny_model_dir, n_trials=12)
+    # Four independent `abopt run` processes, as on four machines, joining one study.
+    processes = [start("run", study_file, "--storage", postgres_url, cwd=tmp_path) for _ in range(4)]
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stdout + stderr
+    storage_url = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    study = load(storage_url)
+    engine = sa.create_engine(storage_url)
+    with engine.connect() as connection:
+        measured = connection.execute(
+            sa.text("select sum(computations) from abopt_cache where key like 'directions:%'")
+        ).scalar()
+    engine.dispose()
+    _check_shared_run(study, 12, measured)
+    assert len({t.user_attrs["worker"]["pid"] for t in study.get_trials(states=(TrialState.COMPLETE,))}) >= 2
+    assert len(worker_records(storage_url, "t")) == 4
+
+
+@pytest.mark.slow
+def test_resumed_study_still_uses_multivariate_tpe(tmp_path, tiny_model_dir):
+    study_file = write_study(tmp_path, tiny_model_dir, n_trials=20, optimization={"n_startup_trials": 5})
+    assert run_abopt("run", study_file, cwd=tmp_path).returncode == 0
+    result = run_abopt("run", study_file, "--n-trials", "40", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    db = tmp_path / "t.db"
+    assert states(load(sqlite_url(db))) == {"COMPLETE": 40}
+    first, resumed = worker_records(sqlite_url(db), "t")
+    expected = {"sampler": "TPESampler", "multivariate": True, "group": True, "n_startup_trials": 5}
+    assert {k: resumed["sampler"][k] for k in expected} == expected
+    assert {k: first["sampler"][k] for k in expected} == expected
+    assert resumed["sampler"]["seed"] != first["sampler"]["seed"]
+
+
+# --- bad input: one clear line, non-zero exit, no traceback, study untouched ---------------
+
+
+@pytest.fixture(scope="module")
+def existing_study(tmp_path_factory, tiny_model_dir):
+    """A study database with two complete trials, to be left untouched by bad input."""
+    root = tmp_path_factory.mktemp("existing")
+    study_file = write_study(root, tiny_model_dir, n_trials=2)
+    assert run_abopt("run", study_file, cwd=root).returncode == 0
+    return root
+
+
+def _bad_input_cases(root: Path, model: Path) -> dict[str, tuple[list[str], str]]:
+    db = root / "t.db"
+    storage = f'storage = "sqlite:///{db}"\n'
+    unsupported = root / "unsupported-model"
+    unsupported.mkdir(exist_ok=True)
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "no_such_arch", "num_hidden_layers": 2}))
+    (root / "empty.txt").write_text("# nothing here\n")
+    default_space = (Path(__file__).parents[1] / "search_spaces" / "default.toml").read_text()
+    (root / "bad-range.toml").write_text(default_space.replace("max_weight = [0.8, 1.5]", "max_weight = [1.5, 0.8]", 1))
+    other = root / "other-model"
+    if not other.exists():
+        from optimizer import synthetic
+
+        config = synthetic.synthetic_config("llama", vocab_size=512, num_hidden_layers=6)
+        synthetic.save_model_dir(synthetic.build_model(config, seed=1), config, other, tokenizer_dir=model)
+
+    def study_text(**changes: str) -> str:
+        lines = {"name": '"t"', "model": f'"{model}"'} | changes
+        return "".join(f"{k} = {v}\n" for k, v in lines.items()) + storage
+
+    files = {
+        "toml-syntax": study_text() + "[prompts\n",
+        "unknown-key": study_text(n_trails="5"),
+        "low-high": study_text(search_space='"bad-range.toml"'),
+        "unknown-space": study_text(search_space='"no-such-space"'),
+        "missing-model": study_text(model='"./no/such/model"'),
+        "unsupported": study_text(model=f'"{unsupported}"'),
+        "empty-prompts": study_text() + '[prompts]\nharmful_eval = "empty.txt"\n',
+        "changed-model": study_text(model=f'"{other}"'),
+    }
+    cases = {}
+    for case, text in files.items():
+        (root / f"{case}.toml").write_text(text)
+        cases[case] = (["run", root / f"{case}.toml"], "")
+    cases["missing-file"] = (["run", root / "nope.toml"], "")
+    cases["unknown-scheme"] = (["run", root / "t.toml", "--storage", "mysql://localhost/x"], "")
+    expected = {
+        "toml-syntax": "line",
+        "unknown-key": "n_trails",
+        "low-high": "max_weight",
+        "unknown-space": "no-such-space",
+        "missing-model": "does not exist",
+        "unsupported": "no_such_arch",
+        "empty-prompts": "empty.txt",
+        "changed-model": "different model",
+        "missing-file": "nope.toml",
+        "unknown-scheme": "mysql",
+    }
+    return {case: (args, expected[case]) for case, (args, _) in cases.items()}
+
+
+BAD_INPUTS = [
+    "missing-file",
+    "toml-syntax",
+    "unknown-key",
+    "low-high",
+    "unknown-space",
+    "missing-model",
+    "unsupported",
+    "empty-prompts",
+    "unknown-scheme",
+    "changed-model",
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_clear_line_and_leaves_the_study_untouched(case, existing_study, tiny_model_dir):
+    root = existing_study
+    args, needle = _bad_input_cases(root, tiny_model_dir)[case]
+    db = root / "t.db"
+    before = db.read_bytes()
+    result = run_abopt(*args, cwd=root)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("abopt: error:"), result.stderr
+    assert needle in lines[0], lines[0]
+    assert db.read_bytes() == before, "the study database changed"
