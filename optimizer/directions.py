@@ -177,9 +177,9 @@ def cached_directions(
 
     Returns them and whether this call measured them.
     """
-    key = "directions:" + fingerprint(loaded, harmful, harmless, system_prompt)
+    key = fingerprint(loaded, harmful, harmless, system_prompt)
     payload, measured = store.get_or_compute(
-        key,
+        "directions:" + key,
         lambda: to_bytes(measure(loaded, harmful, harmless, system_prompt=system_prompt, batch_size=batch_size)),
     )
     return from_bytes(payload, key), measured

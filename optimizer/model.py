@@ -362,6 +362,7 @@ def capture_last_token(model: nn.Module) -> Iterator[list[mx.array]]:
     finally:
         for layer in layers:
             unpatch(layer)
+            set_private(layer, _abopt_sink=None)  # don't keep the last batch's residuals alive
 
 
 def final_norm(model: nn.Module) -> tuple[nn.Module, str] | None:

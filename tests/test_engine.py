@@ -1,0 +1,616 @@
+"""The engine on real mlx-lm models: steering, capture, measurement, cache, KL, refusals.
+
+Tiny random-weight models of every synthetic architecture (dense, affine 4-bit, and mxfp4
+on one MoE architecture) are saved to disk and loaded through ``load_model``, so the real
+loading path runs. The bundled model organism is used where behaviour matters (greedy
+generation against mlx-lm's own, refusal removal); those tests skip while it is missing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from mlx_lm.sample_utils import make_sampler
+
+from optimizer.bake import ablate_bias, ablate_matrix, bake_into, dequantized_weight
+from optimizer.cache import OnceStore
+from optimizer.directions import cached_directions, directions_from_residuals, last_token_residuals, measure
+from optimizer.evaluate import EvalSettings, Evaluator, greedy_generate
+from optimizer.markers import find_refusal, load_markers
+from optimizer.model import (
+    ORGANISM_PATH,
+    capture_last_token,
+    chat_tokens,
+    final_norm,
+    forward,
+    load_model,
+    pad_left,
+)
+from optimizer.patch import patch, set_private, unpatch
+from optimizer.prompts import load_prompts
+from optimizer.steering import install
+from optimizer.synthetic import (
+    SYNTHETIC_ARCHS,
+    build_model,
+    quantize_model,
+    save_model_dir,
+    synthetic_config,
+    write_tiny_tokenizer,
+)
+
+ARCHS = sorted(SYNTHETIC_ARCHS)
+# name -> (mode, bits, group size); None is the dense float32 model.
+QUANTS = {"dense": None, "q4": ("affine", 4, 64), "mxfp4": ("mxfp4", 4, 32)}
+MODEL_CASES = [(a, "dense") for a in ARCHS] + [(a, "q4") for a in ARCHS] + [("qwen3_moe", "mxfp4")]
+QUANTIZED_CASES = [case for case in MODEL_CASES if case[1] != "dense"]
+
+# Prompts of very different lengths, so left padding really differs between rows; all
+# are longer than gemma3's 8-token sliding window once chat-templated.
+PROMPTS = [
+    "Hi",
+    "How do I bake bread?",
+    "Write a poem about the sea.",
+    "The quick brown fox jumps over the lazy dog, then mix flour, water, salt and yeast and knead.",
+    "Is there something else I can do for you?",
+    "You are a helpful assistant. Write a poem about the quick brown fox and bread.",
+]
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """Factory: directory of a tiny saved synthetic model, built once per session."""
+    root = tmp_path_factory.mktemp("engine_models")
+    tokenizer = write_tiny_tokenizer(root / "tokenizer")
+    made: dict = {}
+
+    def make(arch: str, quant: str = "dense", **overrides):
+        key = (arch, quant, tuple(sorted(overrides.items())))
+        if key not in made:
+            sizes = {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 384, **overrides}
+            config = synthetic_config(arch, **sizes)
+            model = build_model(config, seed=3)
+            if QUANTS[quant] is not None:
+                mode, bits, group_size = QUANTS[quant]
+                config = quantize_model(model, config, bits=bits, group_size=group_size, mode=mode)
+            name = "-".join([arch, quant, *(f"{k}{v}" for k, v in key[2])])
+            made[key] = save_model_dir(model, config, root / name, tokenizer_dir=tokenizer)
+        return made[key]
+
+    return make
+
+
+def load(path):
+    return load_model(str(path))
+
+
+def batch(loaded, prompts=PROMPTS):
+    return pad_left([chat_tokens(loaded.tokenizer, p) for p in prompts], loaded.tokenizer.pad_token_id or 0)
+
+
+def logits_of(loaded, prompts=PROMPTS) -> mx.array:
+    tokens, padding = batch(loaded, prompts)
+    logits = forward(loaded.model, tokens, padding)
+    mx.eval(logits)
+    return logits
+
+
+def max_abs(a: mx.array, b: mx.array) -> float:
+    return mx.abs(a - b).max().item()
+
+
+def relative(a: mx.array, b: mx.array) -> float:
+    """max|a − b| / max|b|."""
+    return max_abs(a, b) / mx.abs(b).max().item()
+
+
+def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rows = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def profile(n_layers: int, seed: int = 0) -> dict[str, list[float]]:
+    """Different, non-trivial weights for every layer and component."""
+    rng = np.random.default_rng(seed)
+    return {c: [float(w) for w in rng.uniform(0.4, 1.5, n_layers)] for c in ("attn", "mlp")}
+
+
+def reachable_arrays(model: nn.Module) -> dict[int, mx.array]:
+    """Every mx.array a module of ``model`` holds: parameters, and private attributes."""
+    found: dict[int, mx.array] = {}
+
+    def visit(value):
+        if isinstance(value, mx.array):
+            found[id(value)] = value
+        elif isinstance(value, nn.Module):
+            return  # visited by named_modules
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    for _, module in model.named_modules():
+        visit(list(vars(module).values()))
+        visit(list(module.values()))
+    return found
+
+
+class CallCounter:
+    """Counts calls of one module instance (via the engine's own patch mechanism)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        set_private(module, _test_calls=0)
+        patch(module, _counting_hook)
+
+    @property
+    def calls(self) -> int:
+        return self.module._test_calls
+
+    def remove(self) -> None:
+        unpatch(self.module)
+
+
+def _counting_hook(module, base_call, *args, **kwargs):
+    set_private(module, _test_calls=module._test_calls + 1)
+    return base_call(module, *args, **kwargs)
+
+
+def expected_steps(outputs, eos_ended):
+    """Decode steps a batch needs: each row's tokens, plus one for a row's EOS."""
+    return max(len(out) + (1 if ended else 0) for out, ended in zip(outputs, eos_ended))
+
+
+# -- bake (pure functions) ---------------------------------------------------------------
+
+
+def test_ablate_matrix_and_bias_match_the_runtime_edit():
+    rng = np.random.default_rng(0)
+    r = unit_rows(1, 16)[0]
+    w2 = mx.array(rng.normal(size=(16, 24)).astype(np.float32))
+    w3 = mx.array(rng.normal(size=(3, 16, 24)).astype(np.float32))
+    bias = mx.array(rng.normal(size=(16,)).astype(np.float32))
+    x = mx.array(rng.normal(size=(5, 24)).astype(np.float32))
+    rm = mx.array(r)
+    for scale in (0.0, 0.7, 1.0, 1.4):
+        y = x @ w2.T + bias
+        steered = y - scale * (y @ rm)[:, None] * rm
+        baked = x @ ablate_matrix(w2, r, scale).T + ablate_bias(bias, r, scale)
+        assert max_abs(baked, steered) < 1e-5
+        stacked = ablate_matrix(w3, r, scale)
+        for e in range(3):
+            assert max_abs(stacked[e], ablate_matrix(w3[e], r, scale)) < 1e-6
+    # scale 1 removes the direction from every output; the dtype is kept.
+    assert mx.abs(rm @ ablate_matrix(w2, r, 1.0)).max().item() < 1e-5
+    half = w2.astype(mx.bfloat16)
+    assert ablate_matrix(half, r, 1.0).dtype == mx.bfloat16
+
+
+@pytest.mark.parametrize("arch, quant", QUANTIZED_CASES)
+def test_dequantized_weight_matches_quantized_matmul(arch, quant, synthetic_dir):
+    loaded = load(synthetic_dir(arch, quant))
+    for target in loaded.targets:
+        module = target.module
+        dense = dequantized_weight(module)
+        assert dense.dtype == mx.float32 and dense.shape[-2] == loaded.hidden_size
+        bias = module["bias"] if "bias" in module else 0.0
+        x = mx.array(np.random.default_rng(1).normal(size=(5, 1, dense.shape[-1])).astype(np.float32))
+        if dense.ndim == 2:
+            assert relative(x @ dense.T + bias, module(x)) < 1e-5
+        else:  # expert stacks: expert e's dense matrix does what the module does for e
+            for e in range(dense.shape[0]):
+                expected = module(x, mx.full((5,), e, dtype=mx.uint32))
+                assert relative(x @ dense[e].T + (bias[e] if "bias" in module else 0.0), expected) < 1e-5
+
+
+# -- steering: exactness -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, quant", MODEL_CASES)
+def test_zero_weights_leave_logits_identical(arch, quant, synthetic_dir):
+    loaded = load(synthetic_dir(arch, quant))
+    reference = logits_of(loaded)
+    steering = install(loaded.targets)
+    assert max_abs(logits_of(loaded), reference) <= 1e-6
+    zeros = {c: [0.0] * loaded.n_layers for c in ("attn", "mlp")}
+    steering.set(zeros, unit_rows(loaded.n_layers, loaded.hidden_size))
+    assert max_abs(logits_of(loaded), reference) <= 1e-6
+    steering.set(profile(loaded.n_layers), unit_rows(loaded.n_layers, loaded.hidden_size))
+    assert max_abs(logits_of(loaded), reference) > 1e-2  # it does steer...
+    steering.clear()
+    assert max_abs(logits_of(loaded), reference) <= 1e-6  # ...and clears
+    steering.remove()
+    assert max_abs(logits_of(loaded), reference) <= 1e-6
+
+
+@pytest.mark.parametrize("scope", ["global", "per_layer"])
+@pytest.mark.parametrize("arch, quant", MODEL_CASES)
+def test_runtime_steering_equals_baked_weights(arch, quant, scope, synthetic_dir):
+    path = synthetic_dir(arch, quant)
+    steered, baked = load(path), load(path)
+    reference = logits_of(steered)
+    directions = unit_rows(steered.n_layers, steered.hidden_size, seed=5)
+    if scope == "global":
+        directions = directions[0]
+    weights = profile(steered.n_layers, seed=7)
+
+    install(steered.targets).set(weights, directions)
+    runtime = logits_of(steered)
+    new_targets = bake_into(baked, baked.targets, weights, directions)
+    # The baked model is dense where it was edited: dequantized, then ablated.
+    assert all(type(t.module) in (nn.Linear, SwitchLinear) for t in new_targets)
+    offline = logits_of(baked)
+
+    assert relative(runtime, reference) > 1e-2, "the edit must change the logits for this test to mean anything"
+    assert relative(runtime, offline) <= 1e-4
+
+
+@pytest.mark.parametrize("quant", ["dense", "q4"])
+def test_steering_equals_baked_weights_with_biases(quant, synthetic_dir):
+    """Runtime steering also removes the bias's component; baking edits the bias the same way."""
+    path = synthetic_dir("llama", quant, attention_bias=True, mlp_bias=True)
+    steered, baked = load(path), load(path)
+    assert all("bias" in t.module for t in steered.targets)
+    directions, weights = unit_rows(steered.n_layers, steered.hidden_size, seed=2), profile(steered.n_layers, seed=3)
+    install(steered.targets).set(weights, directions)
+    bake_into(baked, baked.targets, weights, directions)
+    assert relative(logits_of(steered), logits_of(baked)) <= 1e-4
+
+
+# -- quantized models stay quantized ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, quant", QUANTIZED_CASES)
+def test_quantized_model_stays_quantized_while_steered(arch, quant, synthetic_dir):
+    loaded = load(synthetic_dir(arch, quant))
+    model = loaded.model
+    quantized = (nn.QuantizedLinear, QuantizedSwitchLinear)
+    assert all(isinstance(t.module, quantized) and t.module["weight"].dtype == mx.uint32 for t in loaded.targets)
+    parameters = dict(tree_flatten(model.parameters()))
+    copies = {name: mx.array(np.array(value)) for name, value in parameters.items()}
+    arrays_before = reachable_arrays(model)
+    smallest_dense = min(int(np.prod(dequantized_weight(t.module).shape)) * 4 for t in loaded.targets)
+
+    steering = install(loaded.targets)
+    evaluator = Evaluator(
+        loaded, PROMPTS[:3], PROMPTS[3:], ("zzzz",), EvalSettings(max_new_tokens=4, kl_tokens=2, batch_size=2)
+    )
+
+    def peak_of_forward() -> int:
+        # One token: activations are tiny next to any weight matrix, so a dense copy would show.
+        mx.eval(model.parameters())
+        mx.clear_cache()
+        start = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(model(mx.array([[5]])))
+        return mx.get_peak_memory() - start
+
+    unsteered_peak = peak_of_forward()
+    steering.set(profile(loaded.n_layers), unit_rows(loaded.n_layers, loaded.hidden_size))
+    steered_peak = peak_of_forward()
+    assert evaluator.kl_divergence() > 0
+    evaluator.refusals()
+
+    # Same parameter set, same array objects, same packed values.
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == parameters.keys()
+    for name, value in after.items():
+        assert value is parameters[name], name
+        assert mx.array_equal(value, copies[name]).item(), name
+    assert all(isinstance(t.module, quantized) and t.module["weight"].dtype == mx.uint32 for t in loaded.targets)
+    # Steering attached only direction vectors: no array of a weight's size is held anywhere.
+    new_arrays = [a for i, a in reachable_arrays(model).items() if i not in arrays_before]
+    assert new_arrays, "the steering state (directions) should be visible to this check"
+    assert all(a.ndim == 1 and a.size == loaded.hidden_size for a in new_arrays), [a.shape for a in new_arrays]
+    # A whole steered one-token forward pass allocates less than one dense weight matrix
+    # (a dequantized copy of any target would be at least that), and about what an
+    # unsteered pass does.
+    assert steered_peak < smallest_dense, (steered_peak, smallest_dense)
+    assert abs(steered_peak - unsteered_peak) < smallest_dense / 2, (steered_peak, unsteered_peak)
+
+
+# -- capture -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, quant", [case for case in MODEL_CASES if case[1] != "mxfp4"])
+def test_captured_residual_is_the_models_own(arch, quant, synthetic_dir):
+    loaded = load(synthetic_dir(arch, quant))
+    model = loaded.model
+    tokens, padding = batch(loaded)
+    with capture_last_token(model) as sink:
+        logits = forward(model, tokens, padding)
+    assert len(sink) == loaded.n_layers
+    assert all(h.shape == (len(PROMPTS), loaded.hidden_size) and h.dtype == mx.float32 for h in sink)
+    norm, _ = final_norm(model)
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
+    predicted = head(norm(sink[-1][:, None, :]))[:, 0, :]
+    assert relative(predicted, logits[:, -1, :]) <= 1e-4
+    assert not any(hasattr(type(layer), "_abopt_base") for layer in model.layers)  # hooks removed
+
+
+# -- direction measurement -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_batched_measurement_equals_one_prompt_at_a_time(arch, synthetic_dir):
+    loaded = load(synthetic_dir(arch, num_hidden_layers=4))
+    harmful, harmless = PROMPTS, [p.upper() + " Please." for p in PROMPTS[::-1]]
+    lengths = [len(chat_tokens(loaded.tokenizer, p)) for p in harmful + harmless]
+    window = loaded.config.get("sliding_window") or 0
+    assert min(lengths) > window and max(lengths) > 2 * min(lengths)
+    residuals = {}
+    for size in (len(PROMPTS), 1):
+        residuals[size] = (
+            last_token_residuals(loaded, harmful, batch_size=size),
+            last_token_residuals(loaded, harmless, batch_size=size),
+        )
+    for batched, single in zip(residuals[len(PROMPTS)], residuals[1]):
+        assert np.abs(batched - single).max() / np.abs(single).max() <= 1e-4
+    batched = directions_from_residuals(*residuals[len(PROMPTS)])
+    single = directions_from_residuals(*residuals[1])
+    cosines = np.sum(batched.vectors * single.vectors, axis=1)
+    assert cosines.min() >= 0.9999, cosines
+
+
+def test_direction_cache_measures_once(tmp_path, synthetic_dir):
+    loaded = load(synthetic_dir("llama"))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    harmful, harmless = PROMPTS[:3], PROMPTS[3:]
+    counter = CallCounter(loaded.model)
+    try:
+        first, measured = cached_directions(OnceStore(url), loaded, harmful, harmless, batch_size=2)
+        assert measured and counter.calls == 4  # two batches per prompt set
+
+        # A second store on the same file, as another worker or a later run would open it.
+        store = OnceStore(url)
+        second, measured = cached_directions(store, loaded, harmful, harmless, batch_size=2)
+        assert not measured and counter.calls == 4
+        assert np.array_equal(first.vectors, second.vectors)
+        assert np.array_equal(first.separation, second.separation)
+        assert second.fingerprint == first.fingerprint and store.computations(first.fingerprint) == 1
+
+        changed, measured = cached_directions(store, loaded, harmful + ["One more prompt."], harmless, batch_size=2)
+        assert measured and counter.calls > 4
+        assert changed.fingerprint != first.fingerprint
+        assert store.computations(changed.fingerprint) == 1 and store.computations(first.fingerprint) == 1
+    finally:
+        counter.remove()
+
+
+# -- KL ------------------------------------------------------------------------------------------
+
+
+def hand_kl(loaded, steering, weights, directions, prompts, k):
+    """Mean KL(original ‖ steered) over the first k answer positions, prompt by prompt."""
+    model, per_prompt = loaded.model, []
+    for prompt in prompts:
+        steering.clear()
+        tokens = chat_tokens(loaded.tokenizer, prompt)
+        for _ in range(k - 1):  # the original's greedy answer, teacher-forced below
+            tokens.append(int(mx.argmax(model(mx.array([tokens]))[0, -1]).item()))
+        assert not set(tokens[-(k - 1) :] if k > 1 else []) & loaded.tokenizer.eos_token_ids
+        p = mx.softmax(model(mx.array([tokens]))[0, -k:], axis=-1)
+        steering.set(weights, directions)
+        q = mx.softmax(model(mx.array([tokens]))[0, -k:], axis=-1)
+        per_prompt.append((p * (mx.log(p) - mx.log(q))).sum(axis=-1).mean().item())
+    steering.set(weights, directions)
+    return float(np.mean(per_prompt))
+
+
+@pytest.mark.parametrize("kl_tokens", [1, 3])
+def test_kl_divergence(kl_tokens, synthetic_dir):
+    loaded = load(synthetic_dir("llama"))
+    settings = EvalSettings(max_new_tokens=4, kl_tokens=kl_tokens, batch_size=4)
+    evaluator = Evaluator(loaded, PROMPTS[:2], PROMPTS, ("zzzz",), settings)
+    assert evaluator.kl_divergence() == 0.0
+    steering = install(loaded.targets)
+    assert evaluator.kl_divergence() == 0.0
+    weights, directions = profile(loaded.n_layers), unit_rows(loaded.n_layers, loaded.hidden_size)
+    steering.set(weights, directions)
+    kl = evaluator.kl_divergence()
+    assert kl > 1e-3
+    expected = hand_kl(loaded, steering, weights, directions, PROMPTS, kl_tokens)
+    print(f"\nKL kl_tokens={kl_tokens}: engine {kl:.6f}, by hand {expected:.6f}")
+    assert abs(kl - expected) <= 1e-4 * expected + 1e-7
+    steering.clear()
+    assert evaluator.kl_divergence() == 0.0
+
+
+# -- generation stops ----------------------------------------------------------------------------
+
+
+def test_generation_stops_at_eos_stop_function_or_length(synthetic_dir):
+    loaded = load(synthetic_dir("llama"))
+    prompts = [chat_tokens(loaded.tokenizer, p) for p in PROMPTS[:3]]
+    loaded.tokenizer.eos_token_ids = {383}  # a token id this model does not emit here
+    free, steps = greedy_generate(loaded, prompts, max_new_tokens=10)
+    assert [len(f) for f in free] == [10, 10, 10] and steps == 10
+    assert not any(383 in f for f in free)
+
+    # EOS: make a token that row 0 first emits after a few others an end-of-sequence token.
+    at = next(i for i, token in enumerate(free[0]) if i >= 2 and token not in free[0][:i])
+    eos = free[0][at]
+    loaded.tokenizer.eos_token_ids = {eos}
+    outputs, steps = greedy_generate(loaded, prompts, max_new_tokens=10)
+    cut = [f[: f.index(eos)] if eos in f else f for f in free]
+    assert outputs == cut and len(outputs[0]) == at  # EOS is not part of the answer
+    assert steps == expected_steps(outputs, [eos in f for f in free])
+    loaded.tokenizer.eos_token_ids = {383}
+
+    # A stop function: rows stop after 2, 5 and 3 tokens; the batch ends after 5 steps.
+    lengths, seen = [2, 5, 3], []
+
+    def stop(rows, sequences):
+        seen.append(list(rows))
+        return [len(s) >= lengths[r] for r, s in zip(rows, sequences)]
+
+    outputs, steps = greedy_generate(loaded, prompts, max_new_tokens=10, stop=stop)
+    assert outputs == [f[:n] for f, n in zip(free, lengths)]
+    assert steps == 5
+    assert seen[0] == [0, 1, 2] and seen[-1] == [1]  # stopped rows leave the batch
+
+
+def mlx_lm_greedy(loaded, ids: list[int], max_tokens: int) -> list[int]:
+    """mlx-lm's own greedy generation (one prompt, its own KV cache), without the EOS token."""
+    responses = mlx_lm.stream_generate(
+        loaded.model, loaded.tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=make_sampler(temp=0.0)
+    )
+    return [r.token for r in responses if r.finish_reason != "stop"]  # "stop" carries the EOS
+
+
+@pytest.mark.parametrize("arch, quant", [("llama", "dense"), ("gemma3_text", "dense"), ("qwen3_moe", "q4")])
+def test_batched_greedy_equals_mlx_lm_on_synthetic_models(arch, quant, synthetic_dir):
+    """Left-padded batch generation, incl. gemma3's rotating sliding-window cache past its window."""
+    loaded = load(synthetic_dir(arch, quant))
+    encoded = [chat_tokens(loaded.tokenizer, p) for p in PROMPTS]
+    ours, _ = greedy_generate(loaded, encoded, max_new_tokens=24)
+    assert [mlx_lm_greedy(loaded, ids, 24) for ids in encoded] == ours
+
+
+def test_refusal_stops_at_a_marker(synthetic_dir):
+    loaded = load(synthetic_dir("llama"))
+    loaded.tokenizer.eos_token_ids = {383}
+    decode, max_new = loaded.tokenizer.decode, 16
+    # A marker list that matches this model's own answer: a word it emits, and the
+    # number of tokens after which the answer first contains it.
+    found = None
+    for prompt in PROMPTS:
+        (free,), _ = greedy_generate(loaded, [chat_tokens(loaded.tokenizer, prompt)], max_new_tokens=max_new)
+        for token in free:
+            word = decode([token]).strip()
+            if word.isalpha() and len(word) >= 3:
+                stop_at = next((j for j in range(1, max_new + 1) if find_refusal(decode(free[:j]), (word,))), None)
+                if stop_at is not None and stop_at < max_new:
+                    found = prompt, word, free, stop_at
+                    break
+        if found:
+            break
+    assert found, "no word in this model's answers to use as a marker"
+    prompt, marker, free, stop_at = found
+    settings = EvalSettings(max_new_tokens=max_new, batch_size=4)
+    result = Evaluator(loaded, [prompt], PROMPTS[:1], (marker,), settings).refusals()
+    assert result.flags == (True,) and result.generated_tokens == stop_at
+    assert result.answers == (decode(free[:stop_at]),)
+    result = Evaluator(loaded, [prompt], PROMPTS[:1], ("zzzz",), settings).refusals()
+    assert result.flags == (False,) and result.generated_tokens == max_new
+    assert result.answers == (decode(free),)
+
+
+# -- the model organism -------------------------------------------------------------------------
+
+needs_organism = pytest.mark.skipif(
+    not (ORGANISM_PATH / "config.json").exists(), reason="the model organism is not trained yet"
+)
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return load_model("organism")
+
+
+def eval_prompts():
+    return load_prompts("bundled:harmful:eval") + load_prompts("bundled:harmless:eval")
+
+
+@needs_organism
+@pytest.mark.slow
+def test_organism_batched_greedy_equals_mlx_lm(organism):
+    tokenizer, prompts = organism.tokenizer, eval_prompts()
+    encoded = [chat_tokens(tokenizer, p) for p in prompts]
+    ours: list[list[int]] = []
+    for start in range(0, len(encoded), 64):  # file order: rows of different lengths share a batch
+        outputs, _ = greedy_generate(organism, encoded[start : start + 64], max_new_tokens=32)
+        ours.extend(outputs)
+    mismatches = []
+    for i, ids in enumerate(encoded):
+        theirs = mlx_lm_greedy(organism, ids, 32)
+        if theirs != ours[i]:
+            mismatches.append((prompts[i], tokenizer.decode(theirs), tokenizer.decode(ours[i])))
+    print(f"\norganism greedy: {len(prompts) - len(mismatches)}/{len(prompts)} prompts token-identical to mlx-lm")
+    assert not mismatches, mismatches[:3]
+
+
+@needs_organism
+def test_organism_refusals_stop_at_marker_eos_or_length(organism):
+    markers = load_markers()
+    tokenizer = organism.tokenizer
+    prompts = load_prompts("bundled:harmful:eval")[:12] + load_prompts("bundled:harmless:eval")[:12]
+    encoded = [chat_tokens(tokenizer, p) for p in prompts]
+    max_new = 48
+    full, _ = greedy_generate(organism, encoded, max_new_tokens=max_new)
+
+    def refused(_, sequences):
+        return [find_refusal(text, markers) is not None for text in tokenizer.batch_decode(sequences)]
+
+    stopped, steps = greedy_generate(organism, encoded, max_new_tokens=max_new, stop=refused)
+    kinds = {"marker": 0, "eos": 0, "length": 0}
+    eos_ended = []
+    for whole, out in zip(full, stopped):
+        assert whole[: len(out)] == out
+        if find_refusal(tokenizer.decode(out), markers):
+            kinds["marker"] += 1  # ends on the token that completed the marker
+            assert find_refusal(tokenizer.decode(out[:-1]), markers) is None
+            eos_ended.append(False)
+        elif len(out) < max_new:
+            kinds["eos"] += 1
+            assert out == whole  # the full answer ended here too: at EOS
+            eos_ended.append(True)
+        else:
+            kinds["length"] += 1
+            eos_ended.append(False)
+    print(f"\norganism stops: {kinds}")
+    assert kinds["marker"] >= 3 and kinds["eos"] >= 1  # harmful prompts refuse, harmless ones end
+    assert steps == expected_steps(stopped, eos_ended)
+    # The evaluator's refusal stage is this same generation.
+    result = Evaluator(organism, prompts, prompts[:1], markers, EvalSettings(max_new_tokens=max_new, batch_size=32)).refusals()
+    assert result.answers == tuple(tokenizer.batch_decode(stopped))
+    assert result.refused == kinds["marker"]
+
+
+@needs_organism
+@pytest.mark.slow
+def test_organism_refusal_is_removed_by_ablation(organism):
+    started = time.perf_counter()
+
+    harmful = load_prompts("bundled:harmful:measure")[:128]
+    harmless = load_prompts("bundled:harmless:measure")[:128]
+    directions = measure(organism, harmful, harmless, batch_size=64)
+    best = directions.best_layer
+    markers = load_markers()
+    settings = EvalSettings(max_new_tokens=32, kl_tokens=1, batch_size=64)
+    harmful_eval, harmless_eval = load_prompts("bundled:harmful:eval"), load_prompts("bundled:harmless:eval")
+    evaluator = Evaluator(organism, harmful_eval, harmless_eval, markers, settings)
+    on_harmless = Evaluator(organism, harmless_eval, harmless_eval[:1], markers, settings)
+
+    base = evaluator.refusals()
+    base_harmless = on_harmless.refusals()
+    steering = install(organism.targets)
+    try:
+        ones = {c: [1.0] * organism.n_layers for c in ("attn", "mlp")}
+        steering.set(ones, directions.vectors[best])
+        kl = evaluator.kl_divergence()
+        after = evaluator.refusals()
+        after_harmless = on_harmless.refusals()
+    finally:
+        steering.remove()
+    print(
+        f"\norganism: best layer {best} (separation {directions.separation.round(2).tolist()})\n"
+        f"  unsteered: harmful refusals {base.refused}/{base.total} ({base.rate:.1%}), "
+        f"harmless refusals {base_harmless.refused}/{base_harmless.total} ({base_harmless.rate:.1%})\n"
+        f"  ablated:   harmful refusals {after.refused}/{after.total} ({after.rate:.1%}), "
+        f"harmless refusals {after_harmless.refused}/{after_harmless.total}, first-token KL {kl:.4f}\n"
+        f"  ({time.perf_counter() - started:.1f} s)"
+    )
+    assert base.rate >= 0.9 and base_harmless.rate <= 0.05
+    assert after.rate <= 0.2 and kl < 1.0
