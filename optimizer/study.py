@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optimizer import __version__
 from optimizer.cache import SQLITE_BUSY_TIMEOUT, OnceStore, make_engine, serialized_setup, tune_sqlite
 from optimizer.config import StudyConfig
+from optimizer.dashboard import annotate_trial
 from optimizer.directions import Directions, cached_directions
 from optimizer.errors import UserError
 from optimizer.evaluate import EvalSettings, Evaluator
@@ -122,6 +123,10 @@ class RetryDeadTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trial = copy.copy(trial)
         trial.user_attrs = {}
+        # Optuna copies system attrs too; a retry must set its own constraint and artifacts.
+        trial.system_attrs = {
+            k: v for k, v in trial.system_attrs.items() if not k.startswith(("constraints", "artifacts:", "dashboard:"))
+        }
         super().__call__(study, trial)
 
 
@@ -501,6 +506,7 @@ def run_trial(worker: Worker, trial: optuna.Trial) -> tuple[float, float]:
         "seconds",
         {"kl": round(kl_seconds, 4), "refusal": round(refusal_seconds, 4), "trial": round(time.perf_counter() - start, 4)},
     )
+    annotate_trial(trial, worker.plan, (kl, rate), worker.baseline)  # dashboard note + profile plot
     worker.timings.append(engine_seconds)
     return kl, rate
 

@@ -59,6 +59,10 @@ if [ "$(uname -s)" = Linux ]; then
   else
     echo "warning: OpenBLAS not found; MLX on this CPU will be ~30x slower" >&2
   fi
+  # The tests render the HTML report in headless Chromium (pytest -m browser).
+  if [[ ",$extras," == *,test,* ]] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    apt_install chromium || true
+  fi
 fi
 
 export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,286 @@
+"""What optuna-dashboard shows of an abopt study, and serving it on 127.0.0.1.
+
+Every trial gets, as it completes, a markdown note (scores, parameters, sample answers beside
+the original model's) and one artifact: its per-layer weight profile as a hand-written SVG
+(no plotting library per trial). Artifacts live in an Optuna ``FileSystemArtifactStore``
+beside the study's SQLite file (``<db>.abopt-artifacts/``), or beside the study file for
+other storages (``<study-name>.abopt-artifacts/``).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import tempfile
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import optuna
+import sqlalchemy as sa
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.trial import FrozenTrial, TrialState
+from optuna_dashboard._note import note_ver_key, split_body
+from optuna_dashboard.artifact._backend import DASHBOARD_ARTIFACTS_ATTR_PREFIX
+
+from optimizer.errors import UserError
+from optimizer.front import quality
+from optimizer.report import COMPONENT_LABELS, clean, counts, direction_text, percent
+
+if TYPE_CHECKING:
+    from optimizer.config import StudyConfig
+    from optimizer.study import StudyPlan
+
+ARTIFACTS_SUFFIX = ".abopt-artifacts"
+PROFILE_FILENAME = "profile.svg"
+HOST = "127.0.0.1"
+COLORS = {"attn": "#1f77b4", "mlp": "#d62728"}
+
+
+def artifact_dir(config: StudyConfig, storage_url: str) -> Path:
+    """The study's artifact directory: beside its SQLite file, else beside the study file."""
+    url = sa.engine.make_url(storage_url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        database = Path(url.database)
+        return database.with_name(database.stem + ARTIFACTS_SUFFIX)
+    return config.base_dir / (config.name + ARTIFACTS_SUFFIX)
+
+
+def artifact_store(directory: Path) -> FileSystemArtifactStore:
+    """An artifact store in ``directory``, created if missing."""
+    try:
+        directory.mkdir(exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the artifact directory {directory}: {error.strerror}; check its parent") from None
+    return FileSystemArtifactStore(directory)
+
+
+# --- per-trial content --------------------------------------------------------------------
+
+
+def profile_svg(layer_weights: dict[str, list[float]], title: str) -> str:
+    """Per-layer weights of each component as a small line chart (SVG text)."""
+    width, height, left, right, top, bottom = 520, 220, 44, 96, 28, 34
+    plot_w, plot_h = width - left - right, height - top - bottom
+    names = [n for n in ("attn", "mlp") if n in layer_weights]
+    n_layers = max(len(layer_weights[n]) for n in names)
+    y_max = max([1.0] + [w for n in names for w in layer_weights[n]]) * 1.05
+
+    def x(layer: float) -> float:
+        return left + (plot_w * layer / (n_layers - 1) if n_layers > 1 else plot_w / 2)
+
+    def y(weight: float) -> float:
+        return top + plot_h * (1 - weight / y_max)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left}" y="16" font-size="13" font-weight="bold">{_escape(title)}</text>',
+    ]
+    for tick in _ticks(y_max):
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#e5e5e5"/>')
+        out.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    step = max(1, round(n_layers / 12))
+    for layer in range(0, n_layers, step):
+        out.append(f'<text x="{x(layer):.1f}" y="{top + plot_h + 15}" text-anchor="middle">{layer}</text>')
+    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">layer</text>')
+    out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>')
+    for i, name in enumerate(names):
+        points = " ".join(f"{x(layer):.1f},{y(w):.1f}" for layer, w in enumerate(layer_weights[name]))
+        color = COLORS.get(name, "#333")
+        out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for layer, w in enumerate(layer_weights[name]):
+            out.append(f'<circle cx="{x(layer):.1f}" cy="{y(w):.1f}" r="2.5" fill="{color}"/>')
+        legend_y = top + 12 + 18 * i
+        out.append(f'<line x1="{width - right + 10}" x2="{width - right + 28}" y1="{legend_y - 4}" y2="{legend_y - 4}" stroke="{color}" stroke-width="2"/>')
+        out.append(f'<text x="{width - right + 32}" y="{legend_y}">{name}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _ticks(top: float) -> list[float]:
+    step = 0.25 if top <= 1.6 else 0.5 if top <= 3.2 else 1.0
+    return [round(i * step, 2) for i in range(int(top / step) + 1)]
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _fenced(text: str) -> str:
+    return "```text\n" + clean(text).replace("```", "'''") + "\n```"
+
+
+def trial_note(
+    number: int,
+    values: tuple[float, float],
+    attrs: dict[str, Any],
+    baseline: dict[str, Any] | None,
+    image: str | None,
+) -> str:
+    """The markdown note of one trial: scores, parameters, profile, timings, sample answers."""
+    kl, rate = values
+    lines = [f"## Trial {number}: {quality(kl, rate)}", ""]
+    if attrs.get("refusal_stage"):
+        lines += [f"**Infeasible**: {attrs['refusal_stage']}", ""]
+    lines += ["| | refusals | KL divergence |", "|---|---:|---:|"]
+    lines.append(f"| this trial | {percent(rate)}{counts(attrs.get('refused'), attrs.get('total'))} | {kl:.5f} |")
+    if baseline:
+        lines.append(
+            f"| original model | {percent(baseline['refusal_rate'])}{counts(baseline.get('refused'), baseline.get('total'))} | 0 |"
+        )
+    ablation = attrs.get("ablation")
+    if ablation:
+        lines += ["", f"**Direction**: {direction_text(ablation)} · **profile shape**: {ablation['shape']}", ""]
+        lines += ["| component | max weight | at layer | min weight | reach (layers) |", "|---|---:|---:|---:|---:|"]
+        for name, p in ablation["components"].items():
+            lines.append(
+                f"| {COMPONENT_LABELS.get(name, name)} | {p['max_weight']:.3f} | {p['max_weight_position']:.2f} "
+                f"| {p['min_weight']:.3f} | {p['min_weight_distance']:.2f} |"
+            )
+    if image:
+        lines += ["", f"![weight profile of trial {number}]({image})"]
+    seconds = attrs.get("seconds") or {}
+    if seconds:
+        lines += [
+            "",
+            f"**Timings**: KL {seconds.get('kl', 0):.3f} s · refusals {seconds.get('refusal', 0):.3f} s · "
+            f"trial {seconds.get('trial', 0):.3f} s · {attrs.get('generated_tokens', 0)} tokens generated",
+        ]
+    samples = attrs.get("sample_answers") or []
+    originals = (baseline or {}).get("answers", [])
+    if samples:
+        lines += ["", "### Sample answers"]
+        for i, sample in enumerate(samples):
+            lines += ["", f"**{i + 1}. {clean(sample['prompt'])}**", ""]
+            if i < len(originals):
+                lines += ["original model:", "", _fenced(originals[i]), ""]
+            lines += [f"trial {number}:", "", _fenced(sample["answer"])]
+    return "\n".join(lines) + "\n"
+
+
+def _save_note(storage: optuna.storages.BaseStorage, study_id: int, trial_id: int, body: str) -> None:
+    """Write a trial's first note without reading every other note of the study.
+
+    ``optuna_dashboard.save_note`` reads all study system attrs (every note of every trial)
+    twice per call, which grows with the study; a fresh trial has no note to version.
+    """
+    for key, chunk in split_body(body, trial_id).items():
+        storage.set_study_system_attr(study_id, key, chunk)
+    storage.set_study_system_attr(study_id, note_ver_key(trial_id), 1)
+
+
+def _upload_profile(
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    target: optuna.Trial | FrozenTrial,
+    svg: str,
+    store: FileSystemArtifactStore,
+) -> str:
+    """Store the profile plot as the trial's artifact; returns its URL path on the dashboard."""
+    if isinstance(target, optuna.Trial):  # running: Optuna's own record, on the trial
+        with tempfile.TemporaryDirectory(prefix="abopt-") as tmp:
+            path = Path(tmp) / PROFILE_FILENAME
+            path.write_text(svg)
+            artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=target)
+    else:
+        # A finished trial takes no more system attrs; optuna-dashboard also reads trial
+        # artifacts recorded on the study (its older format), which a finished trial can get.
+        artifact_id = str(uuid.uuid4())
+        store.write(artifact_id, io.BytesIO(svg.encode()))
+        meta = {"artifact_id": artifact_id, "filename": PROFILE_FILENAME, "mimetype": "image/svg+xml", "encoding": None}
+        storage.set_study_system_attr(study_id, f"{DASHBOARD_ARTIFACTS_ATTR_PREFIX}{target._trial_id}:{artifact_id}", json.dumps(meta))
+    return f"/artifacts/{study_id}/{target._trial_id}/{artifact_id}"
+
+
+def _attach(
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    target: optuna.Trial | FrozenTrial,
+    values: tuple[float, float],
+    attrs: dict[str, Any],
+    baseline: dict[str, Any] | None,
+    store: FileSystemArtifactStore | None,
+) -> None:
+    image = None
+    if store is not None and attrs.get("layer_weights"):
+        svg = profile_svg(attrs["layer_weights"], f"trial {target.number}: weight per layer")
+        try:
+            image = _upload_profile(storage, study_id, target, svg, store)
+        except OSError:
+            image = None  # a full or read-only disk must not fail the trial; the note still tells all
+    _save_note(storage, study_id, target._trial_id, trial_note(target.number, values, attrs, baseline, image))
+
+
+def annotate_trial(trial: optuna.Trial, plan: StudyPlan, values: tuple[float, float], baseline: dict[str, Any] | None) -> None:
+    """Give a just-scored trial its dashboard note and profile artifact (call after its user attrs)."""
+    try:
+        store = artifact_store(artifact_dir(plan.config, plan.storage_url))
+    except UserError:
+        store = None  # the note still tells everything; the plot is a nicety
+    _attach(trial.storage, trial.study._study_id, trial, values, trial.user_attrs, baseline, store)
+
+
+def has_note(study_system_attrs: dict[str, Any], trial: FrozenTrial) -> bool:
+    return note_ver_key(trial._trial_id) in study_system_attrs
+
+
+def annotate_study(study: optuna.Study, store: FileSystemArtifactStore) -> int:
+    """Annotate COMPLETE trials that have no note yet (older runs); returns how many."""
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    baseline = study.user_attrs.get("baseline")
+    done = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if has_note(system_attrs, trial) or "layer_weights" not in trial.user_attrs:
+            continue
+        _attach(study._storage, study._study_id, trial, tuple(trial.values), trial.user_attrs, baseline, store)
+        done += 1
+    return done
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - wsgiref's name
+        pass
+
+
+def bind(app: Callable, port: int, host: str = HOST) -> WSGIServer:
+    """A WSGI server bound to ``host:port``; a UserError when the port is taken."""
+    try:
+        return make_server(host, port, app, handler_class=_QuietHandler)
+    except OSError as error:
+        if error.errno in (errno.EADDRINUSE, errno.EACCES):
+            reason = "is in use" if error.errno == errno.EADDRINUSE else "needs more privileges"
+            raise UserError(f"port {port} on {host} {reason}; pick another one with --port") from None
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror}; pick another port with --port") from None
+
+
+def dashboard_server(storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, port: int) -> WSGIServer:
+    """optuna-dashboard over ``storage`` with the artifact store, bound to 127.0.0.1."""
+    from optuna_dashboard import wsgi
+
+    server = bind(wsgi(storage, artifact_store=store), port)
+    server.timeout = 0.5
+    return server
+
+
+def serve(server: WSGIServer) -> None:
+    """Serve until Ctrl-C (SIGINT), then close the socket."""
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def study_url(server: WSGIServer, study: optuna.Study) -> str:
+    """The dashboard page of ``study``."""
+    host, port = server.server_address[:2]
+    return f"http://{host}:{port}/dashboard/studies/{study._study_id}"
+

@@ -1,0 +1,348 @@
+"""What a finished (or running) study looks like in a terminal: the front table and one trial.
+
+``front`` and ``show`` read only the storage: the trials' values, parameters and the user
+attrs :func:`optimizer.study.run_trial` wrote. Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from optimizer.errors import UserError
+from optimizer.front import baseline, entry, quality
+
+COMPONENT_LABELS = {"attn": "attention (o_proj)", "mlp": "MLP (down_proj)"}
+BAR_WIDTH = 24
+_EIGHTHS = " ▏▎▍▌▋▊▉█"
+
+
+def percent(rate: float) -> str:
+    """0.125 → '12.5%'."""
+    return f"{100 * rate:.1f}%"
+
+
+def counts(refused: int | None, total: int | None) -> str:
+    """' (1/8)' when the counts are known, else ''."""
+    return f" ({refused}/{total})" if refused is not None and total is not None else ""
+
+
+def open_study(name: str, storage_url: str, study_file: str = "STUDY.toml") -> optuna.Study:
+    """An existing study, for browsing: no model, prompts or signature needed (a copied
+    database can be browsed anywhere, and nothing heavy is imported); a missing SQLite file
+    is not created."""
+    from optimizer.cache import SQLITE_BUSY_TIMEOUT, tune_sqlite
+
+    url = sa.engine.make_url(storage_url)
+    shown = url.render_as_string(hide_password=True)
+    sqlite = url.get_backend_name() == "sqlite"
+    missing = UserError(f"no study {name!r} in {shown}; start it with: abopt run {study_file}".rstrip())
+    if sqlite and not Path(url.database or "").is_file():
+        raise missing
+    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if sqlite else {"pool_pre_ping": True}
+    try:
+        storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs, skip_table_creation=True)
+        tune_sqlite(storage.engine)
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise missing from None
+    except (sa.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, RuntimeError) as error:
+        cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
+        reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+        if "no such table" in reason:
+            reason = "it is not an Optuna database"
+        raise UserError(f"cannot read study {name!r} from {shown}: {reason}; check --storage or the study file's storage") from None
+
+
+def require_complete(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's COMPLETE trials; a UserError when there are none yet."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        study_file = study.user_attrs.get("study_file", "STUDY.toml")
+        raise UserError(
+            f"study {study.study_name!r} has no complete trials yet; run it first: abopt run {study_file}"
+        )
+    return complete
+
+
+def complete_trial(study: optuna.Study, number: int) -> FrozenTrial:
+    """Trial ``number``, which must exist and be COMPLETE (a UserError otherwise)."""
+    complete = require_complete(study)
+    match = [t for t in complete if t.number == number]
+    if match:
+        return match[0]
+    trials = study.get_trials(deepcopy=False)
+    other = [t for t in trials if t.number == number]
+    if other:
+        raise UserError(
+            f"trial {number} of study {study.study_name!r} is {other[0].state.name}, not COMPLETE; "
+            "pick a complete trial, e.g. one of `abopt front`"
+        )
+    raise UserError(
+        f"study {study.study_name!r} has no trial {number} (it has trials 0 to {len(trials) - 1}); "
+        "see `abopt front` for the ones worth choosing"
+    )
+
+
+def front_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Non-dominated COMPLETE (and feasible) trials, lowest refusal rate first."""
+    require_complete(study)
+    return sorted(study.best_trials, key=lambda t: (t.values[1], t.values[0], t.number))
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    """False when the trial broke a constraint (the KL ceiling)."""
+    return all(value <= 0 for value in trial.constraints.values())
+
+
+# --- parameters in words ----------------------------------------------------------------
+
+
+def direction_text(ablation: dict[str, Any]) -> str:
+    """'global, layer 7.35' or 'per layer'."""
+    if ablation.get("direction_scope") == "global":
+        return f"global, layer {ablation['direction_index']:.2f}"
+    return "per layer"
+
+
+def component_text(profile: dict[str, float]) -> str:
+    """One component's profile in a cell: 'max weight @ layer ±reach →min weight'."""
+    return (
+        f"{profile['max_weight']:.2f} @{profile['max_weight_position']:.1f} "
+        f"±{profile['min_weight_distance']:.1f} →{profile['min_weight']:.2f}"
+    )
+
+
+PROFILE_LEGEND = "attn/mlp: max weight @ layer ± reach in layers → min weight at the reach"
+
+
+def clean(text: str) -> str:
+    """Model output made safe to print: control characters escaped, newlines kept."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c in "\n\t" or unicodedata.category(c)[0] != "C" else c.encode("unicode_escape").decode()
+        for c in text
+    )
+
+
+# --- the front ----------------------------------------------------------------------------
+
+
+def front_record(trial: FrozenTrial) -> dict[str, Any]:
+    """One front trial as `front --json` prints it."""
+    record = {"trial": trial.number, "baseline": False, **entry(trial).to_dict()}
+    record["ablation"] = trial.user_attrs.get("ablation")
+    return record
+
+
+def baseline_record(base: dict[str, Any]) -> dict[str, Any]:
+    """The untouched model as the first element of `front --json`."""
+    return {
+        "trial": None,
+        "baseline": True,
+        "kl_divergence": 0.0,
+        "refusal_rate": base["refusal_rate"],
+        "refused": base.get("refused"),
+        "total": base.get("total"),
+        "quality": quality(0.0, base["refusal_rate"]),
+        "params": {},
+        "ablation": None,
+    }
+
+
+def front_records(study: optuna.Study) -> list[dict[str, Any]]:
+    """The untouched model (when measured), then the front, lowest refusal rate first."""
+    front = front_trials(study)
+    base = baseline(study)
+    return ([baseline_record(base)] if base else []) + [front_record(t) for t in front]
+
+
+def front_table(study: optuna.Study) -> Table:
+    """The front as a table, the untouched model on top."""
+    front = front_trials(study)
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    table = Table(
+        title=f"Pareto front of {study.study_name!r}: {len(front)} of {complete} complete trial(s)",
+        title_justify="left",
+        caption=PROFILE_LEGEND,
+        caption_justify="left",
+    )
+    for column in ("trial", "refusals", "KL", "quality", "direction", "attn", "mlp"):
+        numeric = column in ("trial", "refusals", "KL")
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=numeric or column == "quality")
+    base = baseline(study)
+    if base:
+        table.add_row(
+            "original",
+            percent(base["refusal_rate"]) + counts(base.get("refused"), base.get("total")),
+            "0",
+            quality(0.0, base["refusal_rate"]),
+            "untouched model",
+            "",
+            "",
+            style="dim",
+            end_section=True,
+        )
+    for trial in front:
+        e = entry(trial)
+        ablation = trial.user_attrs.get("ablation") or {}
+        components = ablation.get("components", {})
+        table.add_row(
+            f"#{e.number}",
+            percent(e.refusal_rate) + counts(e.refused, e.total),
+            f"{e.kl_divergence:.4f}",
+            e.quality,
+            direction_text(ablation) if ablation else "",
+            component_text(components["attn"]) if "attn" in components else "off",
+            component_text(components["mlp"]) if "mlp" in components else "off",
+        )
+    if not front:
+        table.add_row("", "no feasible trial yet (all above the KL ceiling)", "", "", "", "", "")
+    return table
+
+
+# --- one trial ------------------------------------------------------------------------------
+
+
+def trial_record(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """Everything stored about one trial, with the original model's answers beside its own."""
+    attrs = trial.user_attrs
+    base = baseline(study) or {}
+    original = base.get("answers", [])
+    samples = [
+        {"prompt": s["prompt"], "answer": s["answer"], "original": original[i] if i < len(original) else None}
+        for i, s in enumerate(attrs.get("sample_answers", []))
+    ]
+    kl, rate = trial.values
+    front_numbers = {t.number for t in study.best_trials}
+    return {
+        "trial": trial.number,
+        "state": trial.state.name,
+        "kl_divergence": kl,
+        "refusal_rate": rate,
+        "refused": attrs.get("refused"),
+        "total": attrs.get("total"),
+        "quality": quality(kl, rate),
+        "on_front": trial.number in front_numbers,
+        "feasible": is_feasible(trial),
+        "refusal_stage": attrs.get("refusal_stage"),
+        "baseline": {k: base.get(k) for k in ("kl_divergence", "refusal_rate", "refused", "total")} if base else None,
+        "params": dict(trial.params),
+        "ablation": attrs.get("ablation"),
+        "layer_weights": attrs.get("layer_weights"),
+        "seconds": attrs.get("seconds"),
+        "generated_tokens": attrs.get("generated_tokens"),
+        "worker": attrs.get("worker"),
+        "retry_of": attrs.get("retry_of"),
+        "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
+        "completed": trial.datetime_complete.isoformat() if trial.datetime_complete else None,
+        "sample_answers": samples,
+    }
+
+
+def bar(value: float, scale: float, width: int = BAR_WIDTH) -> str:
+    """A horizontal bar of ``value`` out of ``scale``, in eighths of a character."""
+    if not math.isfinite(value) or value <= 0 or scale <= 0:
+        return ""
+    eighths = round(min(value / scale, 1.0) * width * 8)
+    full, rest = divmod(eighths, 8)
+    return "█" * full + (_EIGHTHS[rest] if rest else "")
+
+
+def weights_chart(layer_weights: dict[str, list[float]]) -> Table:
+    """Per-layer weights of each component as bars, one row per layer."""
+    names = [n for n in ("attn", "mlp") if n in layer_weights]
+    n_layers = max(len(layer_weights[n]) for n in names)
+    scale = max([1.0] + [w for n in names for w in layer_weights[n]])
+    table = Table(title="weight per layer (█ = weight, full bar = " f"{scale:.2f})", title_justify="left", box=None, pad_edge=False)
+    table.add_column("layer", justify="right")
+    for name in names:
+        table.add_column(name, no_wrap=True, min_width=BAR_WIDTH + 6)
+    for layer in range(n_layers):
+        cells = []
+        for name in names:
+            w = layer_weights[name][layer] if layer < len(layer_weights[name]) else 0.0
+            cells.append(f"{bar(w, scale):<{BAR_WIDTH}} {w:.2f}" if w else "·")
+        table.add_row(str(layer), *cells)
+    return table
+
+
+def profile_table(ablation: dict[str, Any]) -> Table:
+    """The four profile numbers of each component."""
+    table = Table(
+        title=f"profile ({ablation['shape']}), direction {direction_text(ablation)}", title_justify="left"
+    )
+    for column in ("component", "max weight", "at layer", "min weight", "reach (layers)"):
+        table.add_column(column, justify="left" if column == "component" else "right")
+    for name, p in ablation["components"].items():
+        table.add_row(
+            COMPONENT_LABELS.get(name, name),
+            f"{p['max_weight']:.3f}",
+            f"{p['max_weight_position']:.2f}",
+            f"{p['min_weight']:.3f}",
+            f"{p['min_weight_distance']:.2f}",
+        )
+    return table
+
+
+def answers_view(record: dict[str, Any]) -> Group:
+    """Each sample prompt, then the original model's answer beside the trial's."""
+    parts: list[Any] = [Text("sample answers to harmful eval prompts", style="bold")]
+    for i, sample in enumerate(record["sample_answers"], start=1):
+        table = Table(title=f"{i}. {clean(sample['prompt'])}", title_justify="left", title_style="", expand=True)
+        table.add_column("original model", ratio=1, overflow="fold")
+        table.add_column(f"trial #{record['trial']}", ratio=1, overflow="fold")
+        original = sample["original"]
+        table.add_row(
+            Text(clean(original)) if original is not None else Text("(not stored)", style="dim"),
+            Text(clean(sample["answer"])),
+        )
+        parts.append(table)
+    return Group(*parts)
+
+
+def trial_view(study: optuna.Study, trial: FrozenTrial) -> Group:
+    """`abopt show`: scores, parameters, per-layer weights, timings and sample answers."""
+    r = trial_record(study, trial)
+    where = "on the Pareto front" if r["on_front"] else "not on the Pareto front"
+    if not r["feasible"]:
+        where = "infeasible: " + (r["refusal_stage"] or "breaks the KL ceiling")
+    parts: list[Any] = [
+        Text.assemble((f"trial #{r['trial']}", "bold"), f" of study {study.study_name!r} · {r['quality']} · {where}"),
+    ]
+    scores = Table(box=None, show_header=True, pad_edge=False)
+    for column in ("", "refusals", "KL divergence"):
+        scores.add_column(column, justify="left" if not column else "right")
+    scores.add_row("this trial", percent(r["refusal_rate"]) + counts(r["refused"], r["total"]), f"{r['kl_divergence']:.5f}")
+    if r["baseline"]:
+        b = r["baseline"]
+        scores.add_row("original model", percent(b["refusal_rate"]) + counts(b["refused"], b["total"]), "0")
+    parts += [Text(""), scores]
+    if r["ablation"]:
+        parts += [Text(""), profile_table(r["ablation"])]
+    if r["layer_weights"]:
+        parts += [Text(""), weights_chart(r["layer_weights"])]
+    seconds = r["seconds"] or {}
+    timing = [f"{label} {seconds[key]:.3f} s" for key, label in (("kl", "KL"), ("refusal", "refusals"), ("trial", "whole trial")) if key in seconds]
+    if r["generated_tokens"] is not None:
+        timing.append(f"{r['generated_tokens']} tokens generated")
+    worker = r["worker"] or {}
+    if worker:
+        timing.append(f"worker {worker.get('index')} ({worker.get('host')}, pid {worker.get('pid')})")
+    if r["retry_of"] is not None:
+        timing.append(f"retry of trial {r['retry_of']}")
+    if timing:
+        parts += [Text(""), Text("timings: " + " · ".join(timing))]
+    if r["sample_answers"]:
+        parts += [Text(""), answers_view(r)]
+    return Group(*parts)
