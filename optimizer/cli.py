@@ -96,7 +96,7 @@ def _print_front(config, storage_url: str, console: Console) -> None:
 
     study = find_study(make_storage(storage_url), config.name)
     if study is not None and completed_count(study):
-        console.print(front_table(study))
+        (console if console.is_terminal else _wide_console()).print(front_table(study))
 
 
 @cli.command()
@@ -190,13 +190,11 @@ def show(args: tuple[str, ...], as_json: bool, storage: str | None) -> None:
     """Everything about one trial: scores, parameters, per-layer weights, timings, sample answers."""
     import json
 
-    from optimizer.report import trial_record, trial_view
-    from optimizer.study import completed_trial
+    from optimizer.report import complete_trial, trial_record, trial_view
 
-    if len(args) > 2 or not args[-1].lstrip("-").isdigit():
-        raise UserError(f"expected [STUDY.toml] TRIAL with TRIAL a trial number, got {' '.join(args)!r}; e.g. abopt show study.toml 12")
-    _, _, study = _open(args[0] if len(args) == 2 else None, storage)
-    trial = completed_trial(study, int(args[-1]))
+    study_file, number, _ = _trial_args(args, "show [STUDY.toml] TRIAL")
+    _, _, study = _open(study_file, storage)
+    trial = complete_trial(study, number)
     if as_json:
         click.echo(json.dumps(trial_record(study, trial), indent=2))
     else:
@@ -260,23 +258,26 @@ def export(args: tuple[str, ...], dtype: str | None, quantize: str, force: bool,
 
     study_file, number, (out_dir,) = _trial_args(args, "export [STUDY.toml] TRIAL OUT_DIR", extra=1)
     config, storage_url, study = _open(study_file, storage)
-    console = Console()
-    result = export_trial(
-        plan(config, storage_url),
-        study,
-        number,
-        out_dir,
-        ExportOptions(dtype=dtype, quantize=quantize, force=force),
-        log=lambda message: console.print(message, highlight=False),
-    )
+    try:
+        result = export_trial(
+            plan(config, storage_url),
+            study,
+            number,
+            out_dir,
+            ExportOptions(dtype=dtype, quantize=quantize, force=force),
+            log=click.echo,
+        )
+    except KeyboardInterrupt:
+        click.echo(f"abopt: export interrupted; nothing was written to {out_dir}", err=True)
+        sys.exit(130)
     w, seconds = result.write, result.seconds
-    console.print(
+    click.echo(
         f"trial {number} exported to {result.out_dir}: {len(w.edited)} tensors edited in "
         f"{len(w.files) - len(w.copied_files)}/{len(w.files)} weight files, {w.total_size / 1e6:.1f} MB "
-        f"({seconds['load']:.1f} s load, {seconds['write']:.1f} s write, {seconds['verify']:.1f} s verify)",
-        highlight=False,
+        f"({seconds['reference']:.1f} s loading and reference logits, {seconds['write']:.1f} s writing, "
+        f"{seconds['verify']:.1f} s verifying)"
     )
-    console.print(f"try it: mlx_lm.generate --model {result.out_dir} --prompt \"Hello\"", highlight=False, soft_wrap=True)
+    click.echo(f"try it: mlx_lm.generate --model {shlex.quote(str(result.out_dir))} --prompt Hello")
 
 
 @cli.command()
@@ -301,7 +302,7 @@ def chat(args: tuple[str, ...], prompt: str | None, max_tokens: int, storage: st
     while True:
         try:
             text = click.prompt("you", default="", show_default=False, prompt_suffix="> ")
-        except (EOFError, click.exceptions.Abort):
+        except (EOFError, KeyboardInterrupt, click.exceptions.Abort):
             break
         if not text.strip():
             break
