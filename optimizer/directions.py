@@ -164,6 +164,11 @@ def from_bytes(payload: bytes, key: str) -> Directions:
         )
 
 
+def cache_key(directions_fingerprint: str) -> str:
+    """The study-cache key under which directions with this fingerprint are stored."""
+    return "directions:" + directions_fingerprint
+
+
 def cached_directions(
     store: OnceStore,
     loaded: LoadedModel,
@@ -179,7 +184,7 @@ def cached_directions(
     """
     key = fingerprint(loaded, harmful, harmless, system_prompt)
     payload, measured = store.get_or_compute(
-        "directions:" + key,
+        cache_key(key),
         lambda: to_bytes(measure(loaded, harmful, harmless, system_prompt=system_prompt, batch_size=batch_size)),
     )
     return from_bytes(payload, key), measured

@@ -138,11 +138,15 @@ def _run_processes(study_plan: StudyPlan, target: int, workers: int, progress: P
                     process.kill()
         snap = snapshot(study, target)
         progress.update(snap)
+    failed = False
     for k, (process, log) in enumerate(processes):
         log.close()
         if process.returncode == INTERRUPTED:
             interrupted = True
         elif process.returncode != 0 and not interrupted:
+            failed = True
             tail = (log_dir / f"worker-{k}.log").read_text().strip().splitlines()[-3:]
             progress.log(f"worker {k} exited with code {process.returncode}: " + " | ".join(tail))
+    if not failed:
+        shutil.rmtree(log_dir, ignore_errors=True)  # kept only when there is something to read
     return interrupted

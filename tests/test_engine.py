@@ -21,7 +21,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from optimizer.bake import ablate_bias, ablate_matrix, bake_into, dequantized_weight
 from optimizer.cache import OnceStore
-from optimizer.directions import cached_directions, directions_from_residuals, last_token_residuals, measure
+from optimizer.directions import cache_key, cached_directions, directions_from_residuals, last_token_residuals, measure
 from optimizer.evaluate import EvalSettings, Evaluator, greedy_generate
 from optimizer.markers import find_refusal, load_markers
 from optimizer.model import (
@@ -378,12 +378,12 @@ def test_direction_cache_measures_once(tmp_path, synthetic_dir):
         assert not measured and counter.calls == 4
         assert np.array_equal(first.vectors, second.vectors)
         assert np.array_equal(first.separation, second.separation)
-        assert second.fingerprint == first.fingerprint and store.computations(first.fingerprint) == 1
+        assert second.fingerprint == first.fingerprint and store.computations(cache_key(first.fingerprint)) == 1
 
         changed, measured = cached_directions(store, loaded, harmful + ["One more prompt."], harmless, batch_size=2)
         assert measured and counter.calls > 4
         assert changed.fingerprint != first.fingerprint
-        assert store.computations(changed.fingerprint) == 1 and store.computations(first.fingerprint) == 1
+        assert store.computations(cache_key(changed.fingerprint)) == 1 and store.computations(cache_key(first.fingerprint)) == 1
     finally:
         counter.remove()
 
