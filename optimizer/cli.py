@@ -153,7 +153,7 @@ def directions_table(directions):
 
 def _open(study_file: str | None, storage: str | None):
     """The config, storage URL and existing study of a study file (UserError if none)."""
-    from optimizer.report import open_study
+    from optimizer.storage import open_study
 
     config, storage_url = _load(study_file, storage)
     return config, storage_url, open_study(config.name, storage_url, study_file or "")
@@ -190,7 +190,8 @@ def show(args: tuple[str, ...], as_json: bool, storage: str | None) -> None:
     """Everything about one trial: scores, parameters, per-layer weights, timings, sample answers."""
     import json
 
-    from optimizer.report import complete_trial, trial_record, trial_view
+    from optimizer.report import trial_record, trial_view
+    from optimizer.storage import complete_trial
 
     study_file, number, _ = _trial_args(args, "show [STUDY.toml] TRIAL")
     _, _, study = _open(study_file, storage)

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from optimizer.errors import UserError
 from optimizer.profile import SHAPES
+from optimizer.storage import redact
 
 BUNDLED_SEARCH_SPACES_DIR = Path(__file__).parent / "data" / "search_spaces"
 SCOPES = ("global", "per_layer")
@@ -464,13 +465,8 @@ def _storage_url(url: str, base_dir: Path, where: str) -> str:
             raise UserError(f"{where}: {url!r} names no server; use postgresql://USER:PASSWORD@HOST/DATABASE")
         # psycopg 3 is the driver abopt installs; SQLAlchemy's plain scheme means psycopg2.
         return f"postgresql+psycopg://{rest}"
-    raise UserError(f"{where}: unsupported storage URL {_redact(url)!r}; "
+    raise UserError(f"{where}: unsupported storage URL {redact(url)!r}; "
                     f"use {' or '.join(STORAGE_SCHEMES)}")
-
-
-def _redact(url: str) -> str:
-    """``url`` with any password replaced, for error messages."""
-    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
 
 
 def _sqlite_url(path: Path) -> str:

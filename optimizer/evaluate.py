@@ -9,7 +9,6 @@ steering is set on the model at the time.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 

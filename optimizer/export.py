@@ -41,6 +41,7 @@ from optimizer.model import LoadedModel, Target, chat_tokens, forward, last_posi
 from optimizer.study import StudyPlan
 from optimizer.steering import Steering
 from optimizer.trial_model import load_trial_model
+from optimizer.storage import redact
 
 EXPORT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 QUANTIZE_CHOICES = ("keep", "none")
@@ -871,12 +872,6 @@ def _umask() -> int:
     return current
 
 
-def _redact(url: str) -> str:
-    import sqlalchemy as sa
-
-    return sa.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
-
-
 def _publish(staging: Path, out: Path) -> None:
     """Move the finished export to ``out``, replacing an existing directory only at the end."""
     if not out.exists():
@@ -938,7 +933,7 @@ def model_card(
         "| | |",
         "|---|---|",
         f"| source model | `{config.model}` |",
-        f"| study | `{study.study_name}` ({config.path.name}, storage `{_redact(plan.storage_url)}`) |",
+        f"| study | `{study.study_name}` ({config.path.name}, storage `{redact(plan.storage_url)}`) |",
         f"| trial | {trial.number} |",
         f"| KL divergence on harmless prompts | {kl:.4g} |",
         f"| refusal rate on harmful prompts | {100 * rate:.1f}%{counts} |",

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from optimizer.errors import UserError
 from optimizer.front import baseline, entry, quality
+from optimizer.storage import require_complete
 
 COMPONENT_LABELS = {"attn": "attention (o_proj)", "mlp": "MLP (down_proj)"}
 BAR_WIDTH = 24
@@ -34,63 +32,6 @@ def percent(rate: float) -> str:
 def counts(refused: int | None, total: int | None) -> str:
     """' (1/8)' when the counts are known, else ''."""
     return f" ({refused}/{total})" if refused is not None and total is not None else ""
-
-
-def open_study(name: str, storage_url: str, study_file: str = "STUDY.toml") -> optuna.Study:
-    """An existing study, for browsing: no model, prompts or signature needed (a copied
-    database can be browsed anywhere, and nothing heavy is imported); a missing SQLite file
-    is not created."""
-    from optimizer.cache import SQLITE_BUSY_TIMEOUT, tune_sqlite
-
-    url = sa.engine.make_url(storage_url)
-    shown = url.render_as_string(hide_password=True)
-    sqlite = url.get_backend_name() == "sqlite"
-    missing = UserError(f"no study {name!r} in {shown}; start it with: abopt run {study_file}".rstrip())
-    if sqlite and not Path(url.database or "").is_file():
-        raise missing
-    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if sqlite else {"pool_pre_ping": True}
-    try:
-        storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs, skip_table_creation=True)
-        tune_sqlite(storage.engine)
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        raise missing from None
-    except (sa.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, RuntimeError) as error:
-        cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
-        reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
-        if "no such table" in reason:
-            reason = "it is not an Optuna database"
-        raise UserError(f"cannot read study {name!r} from {shown}: {reason}; check --storage or the study file's storage") from None
-
-
-def require_complete(study: optuna.Study) -> list[FrozenTrial]:
-    """The study's COMPLETE trials; a UserError when there are none yet."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        study_file = study.user_attrs.get("study_file", "STUDY.toml")
-        raise UserError(
-            f"study {study.study_name!r} has no complete trials yet; run it first: abopt run {study_file}"
-        )
-    return complete
-
-
-def complete_trial(study: optuna.Study, number: int) -> FrozenTrial:
-    """Trial ``number``, which must exist and be COMPLETE (a UserError otherwise)."""
-    complete = require_complete(study)
-    match = [t for t in complete if t.number == number]
-    if match:
-        return match[0]
-    trials = study.get_trials(deepcopy=False)
-    other = [t for t in trials if t.number == number]
-    if other:
-        raise UserError(
-            f"trial {number} of study {study.study_name!r} is {other[0].state.name}, not COMPLETE; "
-            "pick a complete trial, e.g. one of `abopt front`"
-        )
-    raise UserError(
-        f"study {study.study_name!r} has no trial {number} (it has trials 0 to {len(trials) - 1}); "
-        "see `abopt front` for the ones worth choosing"
-    )
 
 
 def front_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -30,8 +30,8 @@ from optimizer.report import (
     front_trials,
     is_feasible,
     percent,
-    require_complete,
 )
+from optimizer.storage import require_complete
 
 FRONT_DIV = "front-plot"
 PROFILES_DIV = "profiles-plot"

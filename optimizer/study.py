@@ -8,7 +8,6 @@ settings) and refuses to resume with anything else.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -24,7 +23,7 @@ import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
 from optimizer import __version__
-from optimizer.cache import SQLITE_BUSY_TIMEOUT, OnceStore, make_engine, serialized_setup, tune_sqlite
+from optimizer.cache import OnceStore, make_engine, serialized_setup
 from optimizer.config import StudyConfig
 from optimizer.dashboard import annotate_trial
 from optimizer.directions import Directions, cached_directions
@@ -35,13 +34,11 @@ from optimizer.model import LoadedModel, load_model, model_identity, read_config
 from optimizer.params import AblationParams, suggest
 from optimizer.prompts import load_prompts, shared_prompts
 from optimizer.steering import Steering, install
+from optimizer.storage import MAX_RETRIES, RetryDeadTrial, find_study, make_storage, redact
 
 METRIC_NAMES = ("kl_divergence", "refusal_rate")
 SIGNATURE_ATTR = "abopt_signature"
 BASELINE_ATTR = "baseline"
-HEARTBEAT_SECONDS = 10
-GRACE_SECONDS = 30
-MAX_RETRIES = 2
 
 # Optuna logs every failed trial with its traceback at WARNING; abopt reports failures itself
 # (an interrupted trial is expected, and a real error propagates with its traceback).
@@ -117,63 +114,12 @@ def plan(config: StudyConfig, storage_url: str) -> StudyPlan:
     return StudyPlan(config, storage_url, path, n_layers, prompts, markers, signature)
 
 
-class RetryDeadTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
-    """Re-queue a dead worker's trial with its parameters, but none of its half-written results."""
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trial = copy.copy(trial)
-        trial.user_attrs = {}
-        # Optuna copies system attrs too; a retry must set its own constraint and artifacts.
-        trial.system_attrs = {
-            k: v for k, v in trial.system_attrs.items() if not k.startswith(("constraints", "artifacts:", "dashboard:"))
-        }
-        super().__call__(study, trial)
-
-
-def make_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna storage with heartbeats, so trials of dead workers are failed and retried."""
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
-        database = Path(url.removeprefix("sqlite:///").split("?")[0])
-        if not database.parent.is_dir():
-            raise UserError(f"storage {url}: directory {database.parent} does not exist; create it or change --storage")
-    try:
-        storage = serialized_setup(
-            url,
-            lambda: optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=RetryDeadTrial(max_retry=MAX_RETRIES),
-            ),
-        )
-    except (sa.exc.OperationalError, sa.exc.ArgumentError, sa.exc.DatabaseError) as error:
-        reason = str(error.orig if getattr(error, "orig", None) else error).strip().splitlines()[0]
-        raise UserError(f"cannot open storage {_redact(url)}: {reason}") from None
-    tune_sqlite(storage.engine)
-    return storage
-
-
-def _redact(url: str) -> str:
-    return sa.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
-
-
-def find_study(storage: optuna.storages.RDBStorage, name: str) -> optuna.Study | None:
-    """The study called ``name`` in ``storage``, or None."""
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return None
-
-
 def check_signature(study: optuna.Study, plan: StudyPlan) -> None:
     """Refuse to resume a study with a different model, prompts, search space or scoring."""
     stored = study.user_attrs.get(SIGNATURE_ATTR)
     if stored is None:
         raise UserError(
-            f"study {study.study_name!r} in {_redact(plan.storage_url)} was not created by abopt; "
+            f"study {study.study_name!r} in {redact(plan.storage_url)} was not created by abopt; "
             "pick another study name"
         )
     what = {
@@ -222,27 +168,11 @@ def open_existing(plan: StudyPlan) -> optuna.Study:
     study = find_study(make_storage(plan.storage_url), plan.config.name)
     if study is None:
         raise UserError(
-            f"no study {plan.config.name!r} in {_redact(plan.storage_url)}; "
+            f"no study {plan.config.name!r} in {redact(plan.storage_url)}; "
             f"start it with: abopt run {plan.config.path}"
         )
     check_signature(study, plan)
     return study
-
-
-def completed_trial(study: optuna.Study, number: int) -> FrozenTrial:
-    """Trial ``number`` of ``study``, which must have completed."""
-    trials = study.get_trials(deepcopy=False)
-    match = [t for t in trials if t.number == number]
-    if not match:
-        raise UserError(
-            f"study {study.study_name!r} has no trial {number} (it has trials 0 to {len(trials) - 1}); "
-            "see `abopt front` for the ones worth choosing"
-        )
-    if match[0].state != TrialState.COMPLETE:
-        raise UserError(
-            f"trial {number} of study {study.study_name!r} is {match[0].state.name}, not COMPLETE; pick a complete trial"
-        )
-    return match[0]
 
 
 def trial_params(trial: FrozenTrial) -> AblationParams:

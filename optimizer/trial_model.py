@@ -19,7 +19,8 @@ from optimizer.errors import UserError
 from optimizer.model import LoadedModel, load_model
 from optimizer.params import AblationParams
 from optimizer.steering import Steering, install
-from optimizer.study import StudyPlan, completed_trial, trial_params
+from optimizer.storage import complete_trial
+from optimizer.study import StudyPlan, trial_params
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def trial_steering(trial: FrozenTrial, directions: Directions, n_layers: int) ->
 
 def load_trial_model(plan: StudyPlan, study: optuna.Study, number: int, *, steer: bool = True) -> TrialModel:
     """Load the plan's model, get the study's directions, and set up trial ``number``'s steering."""
-    trial = completed_trial(study, number)
+    trial = complete_trial(study, number)
     config = plan.config
     loaded = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     steering = install(loaded.targets)
