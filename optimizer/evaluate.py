@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -19,6 +19,7 @@ from optimizer.markers import find_refusal
 from optimizer.model import LoadedModel, batch_cache, chat_tokens, last_positions_only, pad_left
 
 MAX_AUTO_BATCH = 64
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,23 @@ class Evaluator:
         self.harmful_tokens = [chat_tokens(loaded.tokenizer, p, system) for p in harmful]
         self.harmless_tokens = [chat_tokens(loaded.tokenizer, p, system) for p in harmless]
         self.batch_size = settings.batch_size or auto_batch_size(loaded, self.harmful_tokens + self.harmless_tokens)
-        self._kl_inputs, self._kl_valid, self._reference = self._reference_distributions()
+        self._kl_inputs, self._kl_valid, self._reference = self._with_backoff(self._reference_distributions)
+
+    def _with_backoff(self, compute: Callable[[], T]) -> T:
+        """``compute()``, halving the batch size and retrying whenever memory runs out."""
+        while True:
+            try:
+                return compute()
+            except (RuntimeError, MemoryError) as error:
+                if self.batch_size == 1 or not is_out_of_memory(error):
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                mx.clear_cache()
 
     # -- KL ------------------------------------------------------------------------------
 
-    def _reference_distributions(self) -> tuple[list[list[int]], list[mx.array], list[mx.array]]:
-        """Inputs, per-position validity masks and the untouched model's log-probs, once."""
+    def _reference_distributions(self) -> tuple[list[list[int]], mx.array, mx.array]:
+        """Inputs, (N, k) validity mask and (N, k, V) log-probs of the untouched model, once."""
         k = self.settings.kl_tokens
         inputs = [list(t) for t in self.harmless_tokens]
         valid = np.ones((len(inputs), k), dtype=np.float32)
@@ -147,27 +159,34 @@ class Evaluator:
                 valid[row, len(answer) + 1 :] = 0.0
                 filler = answer[-1:] or inputs[row][-1:]
                 inputs[row] = inputs[row] + (answer + filler * k)[: k - 1]
-        self._kl_batches = self._batches(inputs)
-        masks = [mx.array(valid[rows]) for rows in self._kl_batches]
-        reference = [logits - mx.logsumexp(logits, axis=-1, keepdims=True) for logits in self._kl_logits(inputs)]
-        mx.eval(reference, masks)
-        return inputs, masks, reference
+        rows, logits = zip(*self._kl_logits(inputs))
+        order = mx.array(np.argsort(np.concatenate(rows)))  # back to prompt order
+        logits = mx.concatenate(logits)[order]
+        reference = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        mask = mx.array(valid)
+        mx.eval(reference, mask)
+        return inputs, mask, reference
 
-    def _kl_logits(self, inputs: list[list[int]]) -> list[mx.array]:
-        """Float32 logits at the last ``kl_tokens`` positions, batch by batch."""
+    def _kl_logits(self, inputs: list[list[int]]) -> list[tuple[list[int], mx.array]]:
+        """Each batch's rows and float32 logits at its last ``kl_tokens`` positions."""
         k = self.settings.kl_tokens
         out = []
         with last_positions_only(self.loaded.model, k):
-            for rows in self._kl_batches:
+            for rows in self._batches(inputs):
                 tokens, padding = pad_left([inputs[r] for r in rows], self.loaded.tokenizer.pad_token_id or 0)
                 logits = self.loaded.model(tokens, cache=batch_cache(self.loaded.model, padding))
-                out.append(logits[:, -k:, :].astype(mx.float32))
+                out.append((rows, logits[:, -k:, :].astype(mx.float32)))
         return out
 
     def kl_divergence(self) -> float:
         """Mean KL(original ‖ steered) of next-token distributions on the harmless prompts."""
+        return self._with_backoff(self._kl_divergence)
+
+    def _kl_divergence(self) -> float:
         per_prompt = []
-        for mask, reference, logits in zip(self._kl_valid, self._reference, self._kl_logits(self._kl_inputs)):
+        for rows, logits in self._kl_logits(self._kl_inputs):
+            index = mx.array(rows)
+            reference, mask = self._reference[index], self._kl_valid[index]
             steered = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             kl = (mx.exp(reference) * (reference - steered)).sum(axis=-1)  # (B, k)
             per_prompt.append((kl * mask).sum(axis=-1) / mask.sum(axis=-1))
@@ -177,6 +196,9 @@ class Evaluator:
 
     def refusals(self) -> RefusalResult:
         """Greedy answers to the harmful prompts, and which of them refuse."""
+        return self._with_backoff(self._refusals)
+
+    def _refusals(self) -> RefusalResult:
         tokenizer, markers = self.loaded.tokenizer, self.markers
 
         def refused(sequences: list[list[int]]) -> list[bool]:
@@ -214,6 +236,14 @@ class Evaluator:
         """Row indices in batches of similar length, so little work goes to padding."""
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an mlx error means an allocation failed (Metal, CUDA or CPU)."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(
+        needle in text for needle in ("out of memory", "insufficient memory", "malloc", "bad_alloc", "failed to allocate")
+    )
 
 
 def auto_batch_size(loaded: LoadedModel, prompts: Sequence[Sequence[int]]) -> int:

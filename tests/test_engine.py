@@ -614,3 +614,29 @@ def test_organism_refusal_is_removed_by_ablation(organism):
     )
     assert base.rate >= 0.9 and base_harmless.rate <= 0.05
     assert after.rate <= 0.2 and kl < 1.0
+
+
+def test_out_of_memory_halves_the_batch_and_retries(synthetic_dir):
+    """Metal/CUDA raise RuntimeError on a failed allocation (mlx on a CPU cannot recover
+    from one): the evaluator halves its batch size and computes again, with the same result."""
+    from optimizer.evaluate import is_out_of_memory
+
+    loaded = load(synthetic_dir("llama"))
+    harmless = [f"how do I bake bread number {i}" for i in range(6)]
+    evaluator = Evaluator(loaded, PROMPTS, harmless, ("sorry",), EvalSettings(max_new_tokens=4, batch_size=4))
+    install(loaded.targets).set(profile(loaded.n_layers), unit_rows(1, loaded.hidden_size)[0])
+    expected = evaluator.kl_divergence()
+    assert expected > 1e-4
+    failures = ["[metal::malloc] Attempting to allocate 9000000000 bytes which is greater than the maximum allowed"]
+
+    def flaky() -> float:
+        if failures:
+            raise RuntimeError(failures.pop())
+        return evaluator._kl_divergence()
+
+    assert evaluator._with_backoff(flaky) == pytest.approx(expected, rel=1e-4)
+    assert evaluator.batch_size == 2
+    with pytest.raises(RuntimeError, match="unrelated"):
+        evaluator._with_backoff(lambda: (_ for _ in ()).throw(RuntimeError("unrelated")))
+    assert is_out_of_memory(RuntimeError("[METAL] Command buffer execution failed: Insufficient Memory"))
+    assert not is_out_of_memory(ValueError("shapes (2,3) and (4,5) cannot be broadcast"))
