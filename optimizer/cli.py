@@ -310,6 +310,34 @@ def chat(args: tuple[str, ...], prompt: str | None, max_tokens: int, storage: st
         console.print(_exchange_table(side_by_side(trial_model, text, max_tokens=max_tokens), number))
 
 
+@cli.command()
+@click.argument("model", required=False, default="organism", metavar="[MODEL]")
+@click.option("--synthetic", metavar="ARCH:SIZE", help="A random-weight model of a real architecture instead, e.g. llama:100M.")
+@click.option("--n-eval", type=click.IntRange(min=1), default=64, show_default=True, help="Eval prompts of each kind.")
+@click.option("--n-measure", type=click.IntRange(min=2), default=128, show_default=True, help="Measure prompts of each kind.")
+@click.option("--trials", type=click.IntRange(min=1), default=10, show_default=True, help="Timed trials, each followed by its floor.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--kl-tokens", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=0), default=0, show_default=True, help="0: sized to memory.")
+@click.option("--quantize", type=click.Choice(["0", "2", "3", "4", "5", "6", "8"]), default="0", show_default=True, help="Quantize the model to BITS in memory first.")
+@click.option("--memory-trials", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="Then run N more trials and report memory along the way.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+def bench(model: str, synthetic: str | None, quiet: bool, quantize: str, **settings) -> None:
+    """Time trials against plain mlx-lm doing the same forward work (MODEL: path, HF id or 'organism').
+
+    The last line is floor_ratio=<x>: trial time divided by that floor.
+    """
+    from optimizer.bench import format_report, run_benchmark
+
+    def log(line: str) -> None:
+        if not quiet:
+            click.echo(f"bench: {line}", err=True)
+
+    result = run_benchmark(model, synthetic=synthetic, quantize=int(quantize), log=log, **settings)
+    click.echo(format_report(result))
+
+
 def _exchange_table(exchange, number: int):
     from rich.table import Table
 
