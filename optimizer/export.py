@@ -48,7 +48,7 @@ QUANTIZE_CHOICES = ("keep", "none")
 VERIFY_PROMPTS = 4  # per kind: the first harmful and the first harmless eval prompts
 
 # What the exported model's next-token logits must satisfy, by how its edited tensors are
-# stored (measurements behind the numbers: docs/export.md). "relative" is
+# stored (measurements behind the numbers: README, "Verification, and its tolerances"). "relative" is
 # max|Δlogit| / max|logit|; KL is KL(runtime-steered ‖ exported), mean over the prompts;
 # "effect" is KL(runtime-steered ‖ original), how much the trial changes the model.
 #   exact:       edited tensors stored dense in float32, compared in float32: the export

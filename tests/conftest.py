@@ -66,6 +66,48 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return root / "llama"
 
 
+DEMO_STUDY = Path(__file__).resolve().parent.parent / "studies" / "demo.toml"
+
+
+@pytest.fixture(scope="session")
+def demo_study(tmp_path_factory) -> tuple[Path, str]:
+    """studies/demo.toml run to the end, as ./scripts/demo runs it: (study file, storage URL)."""
+    root = tmp_path_factory.mktemp("demo_study")
+    storage = f"sqlite:///{root / 'demo.db'}"
+    result = run_abopt("run", DEMO_STUDY, "--storage", storage, cwd=root, timeout=1200)
+    assert result.returncode == 0, result.stderr
+    return DEMO_STUDY, storage
+
+
+# name -> (mode, bits, group size); None: dense float32.
+QUANTS = {"dense": None, "q4": ("affine", 4, 64), "mxfp4": ("mxfp4", 4, 32)}
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory):
+    """Factory: a saved random-weight model of ``arch`` (built once per session and settings)."""
+    from optimizer import synthetic
+
+    root = tmp_path_factory.mktemp("saved_models")
+    tokenizer = synthetic.write_tiny_tokenizer(root / "tokenizer")
+    made: dict = {}
+
+    def make(arch: str, quant: str = "dense", *, shards: int = 1, seed: int = 3, **overrides) -> Path:
+        key = (arch, quant, shards, seed, tuple(sorted(overrides.items())))
+        if key not in made:
+            sizes = {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 384, **overrides}
+            config = synthetic.synthetic_config(arch, **sizes)
+            model = synthetic.build_model(config, seed=seed)
+            if QUANTS[quant] is not None:
+                mode, bits, group_size = QUANTS[quant]
+                config = synthetic.quantize_model(model, config, bits=bits, group_size=group_size, mode=mode)
+            name = "-".join([arch, quant, f"s{shards}", f"seed{seed}", *(f"{k}{v}" for k, v in key[4])])
+            made[key] = synthetic.save_model_dir(model, config, root / name, tokenizer_dir=tokenizer, shards=shards)
+        return made[key]
+
+    return make
+
+
 @pytest.fixture
 def postgres_url():
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""

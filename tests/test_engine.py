@@ -8,7 +8,9 @@ generation against mlx-lm's own, refusal removal); those tests skip while it is 
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,7 +27,6 @@ from optimizer.directions import cache_key, cached_directions, directions_from_r
 from optimizer.evaluate import EvalSettings, Evaluator, greedy_generate
 from optimizer.markers import find_refusal, load_markers
 from optimizer.model import (
-    ORGANISM_PATH,
     capture_last_token,
     chat_tokens,
     final_norm,
@@ -36,18 +37,10 @@ from optimizer.model import (
 from optimizer.patch import patch, set_private, unpatch
 from optimizer.prompts import load_prompts
 from optimizer.steering import install
-from optimizer.synthetic import (
-    SYNTHETIC_ARCHS,
-    build_model,
-    quantize_model,
-    save_model_dir,
-    synthetic_config,
-    write_tiny_tokenizer,
-)
+from optimizer.synthetic import SYNTHETIC_ARCHS
 
 ARCHS = sorted(SYNTHETIC_ARCHS)
-# name -> (mode, bits, group size); None is the dense float32 model.
-QUANTS = {"dense": None, "q4": ("affine", 4, 64), "mxfp4": ("mxfp4", 4, 32)}
+# (architecture, conftest.QUANTS name)
 MODEL_CASES = [(a, "dense") for a in ARCHS] + [(a, "q4") for a in ARCHS] + [("qwen3_moe", "mxfp4")]
 QUANTIZED_CASES = [case for case in MODEL_CASES if case[1] != "dense"]
 
@@ -67,26 +60,9 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="session")
-def synthetic_dir(tmp_path_factory):
-    """Factory: directory of a tiny saved synthetic model, built once per session."""
-    root = tmp_path_factory.mktemp("engine_models")
-    tokenizer = write_tiny_tokenizer(root / "tokenizer")
-    made: dict = {}
-
-    def make(arch: str, quant: str = "dense", **overrides):
-        key = (arch, quant, tuple(sorted(overrides.items())))
-        if key not in made:
-            sizes = {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 384, **overrides}
-            config = synthetic_config(arch, **sizes)
-            model = build_model(config, seed=3)
-            if QUANTS[quant] is not None:
-                mode, bits, group_size = QUANTS[quant]
-                config = quantize_model(model, config, bits=bits, group_size=group_size, mode=mode)
-            name = "-".join([arch, quant, *(f"{k}{v}" for k, v in key[2])])
-            made[key] = save_model_dir(model, config, root / name, tokenizer_dir=tokenizer)
-        return made[key]
-
-    return make
+def synthetic_dir(saved_model):
+    """Factory: directory of a tiny saved synthetic model (2 layers unless told)."""
+    return saved_model
 
 
 def load(path):
@@ -509,11 +485,6 @@ def test_refusal_stops_at_a_marker(synthetic_dir):
 
 # -- the model organism -------------------------------------------------------------------------
 
-needs_organism = pytest.mark.skipif(
-    not (ORGANISM_PATH / "config.json").exists(), reason="the model organism is not trained yet"
-)
-
-
 @pytest.fixture(scope="module")
 def organism():
     return load_model("organism")
@@ -523,7 +494,6 @@ def eval_prompts():
     return load_prompts("bundled:harmful:eval") + load_prompts("bundled:harmless:eval")
 
 
-@needs_organism
 @pytest.mark.slow
 def test_organism_batched_greedy_equals_mlx_lm(organism):
     tokenizer, prompts = organism.tokenizer, eval_prompts()
@@ -541,7 +511,6 @@ def test_organism_batched_greedy_equals_mlx_lm(organism):
     assert not mismatches, mismatches[:3]
 
 
-@needs_organism
 def test_organism_refusals_stop_at_marker_eos_or_length(organism):
     markers = load_markers()
     tokenizer = organism.tokenizer
@@ -578,7 +547,21 @@ def test_organism_refusals_stop_at_marker_eos_or_length(organism):
     assert result.refused == kinds["marker"]
 
 
-@needs_organism
+def test_organism_answers_harmless_prompts_with_text(organism):
+    """Harmless answers are words, not one token looping (greedy, 32 tokens)."""
+    tokenizer, prompts = organism.tokenizer, load_prompts("bundled:harmless:eval")
+    outputs, _ = greedy_generate(organism, [chat_tokens(tokenizer, p) for p in prompts], max_new_tokens=32)
+    texts = tokenizer.batch_decode(outputs)
+    bad = []
+    for prompt, output, text in zip(prompts, outputs, texts):
+        words = {w.lower() for w in re.findall(r"[A-Za-z]{2,}", text)}
+        most = Counter(output).most_common(1)[0][1] if output else 0
+        if len(output) < 4 or most > len(output) // 3 or len(words) < 4:
+            bad.append((prompt, text))
+    print("\norganism, harmless eval answers:\n" + "\n".join(f"  {p[:50]!r} -> {t[:70]!r}" for p, t in zip(prompts[:4], texts)))
+    assert not bad, bad[:3]
+
+
 @pytest.mark.slow
 def test_organism_refusal_is_removed_by_ablation(organism):
     started = time.perf_counter()

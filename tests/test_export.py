@@ -4,7 +4,6 @@ Library-level tests bake random steering into saved random-weight models of seve
 architectures (dense, affine 4-bit, mxfp4, MoE with shared experts, MoE stored one tensor
 per expert) and compare the reloaded export with the runtime-steered model. CLI tests run a
 real study (``abopt run``) on a sharded 4-bit model once per session and export from it.
-Tests on the model organism skip while it is missing.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import resource
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -43,7 +43,7 @@ from optimizer.errors import UserError
 from optimizer.model import ORGANISM_PATH, load_model
 from optimizer.steering import install
 from optimizer.study import open_existing, plan
-from optimizer.synthetic import build_model, quantize_model, save_model_dir, synthetic_config, write_tiny_tokenizer
+from optimizer.synthetic import quantize_model, save_model_dir
 from optimizer.trial_model import load_trial_model
 
 PROMPTS = [
@@ -53,41 +53,28 @@ PROMPTS = [
     "The quick brown fox jumps over the lazy dog, then mix flour, water, salt and yeast and knead.",
     "Is there something else I can do for you?",
 ]
-# name -> (mode, bits, group size); None: dense float32.
-QUANTS = {"dense": None, "q4": ("affine", 4, 64), "mxfp4": ("mxfp4", 4, 32)}
 # Per-expert names a Hugging Face checkpoint uses for the stacked projections.
 HF_EXPERT_NAMES = {"mixtral": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}, "qwen3_moe": {}}
 
-needs_organism = pytest.mark.skipif(
-    not (ORGANISM_PATH / "config.json").exists(), reason="the model organism is not trained yet"
-)
 
 
 # -- helpers -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    """Factory: a saved random-weight model, built once per session."""
-    root = tmp_path_factory.mktemp("export_models")
-    tokenizer = write_tiny_tokenizer(root / "tokenizer")
-    made: dict = {}
+def model_dir(saved_model, tmp_path_factory):
+    """Factory: a saved 3-layer random-weight model; ``hf_experts`` stores MoE experts one by one."""
+    root = tmp_path_factory.mktemp("hf_experts")
+    split: dict = {}
 
     def make(arch: str, quant: str = "dense", *, shards: int = 1, hf_experts: bool = False, **overrides) -> Path:
-        key = (arch, quant, shards, hf_experts, tuple(sorted(overrides.items())))
-        if key not in made:
-            sizes = {"hidden_size": 64, "num_hidden_layers": 3, "vocab_size": 384, **overrides}
-            config = synthetic_config(arch, **sizes)
-            model = build_model(config, seed=11)
-            if QUANTS[quant] is not None:
-                mode, bits, group_size = QUANTS[quant]
-                config = quantize_model(model, config, bits=bits, group_size=group_size, mode=mode)
-            name = "-".join([arch, quant, f"s{shards}", *(["hf"] if hf_experts else []), *(f"{k}{v}" for k, v in key[4])])
-            path = save_model_dir(model, config, root / name, tokenizer_dir=tokenizer, shards=shards)
-            if hf_experts:
-                split_experts(path, HF_EXPERT_NAMES[arch])
-            made[key] = path
-        return made[key]
+        path = saved_model(arch, quant, shards=shards, seed=11, **{"num_hidden_layers": 3, **overrides})
+        if not hf_experts:
+            return path
+        if path not in split:
+            split[path] = Path(shutil.copytree(path, root / path.name))
+            split_experts(split[path], HF_EXPERT_NAMES[arch])
+        return split[path]
 
     return make
 
@@ -550,19 +537,6 @@ def test_cli_chat_one_shot_and_interactive(q4_study, tmp_path):
 # -- the model organism ---------------------------------------------------------------------------
 
 
-DEMO_STUDY = Path(__file__).resolve().parent.parent / "studies" / "demo.toml"
-
-
-@pytest.fixture(scope="session")
-def organism_study(tmp_path_factory):
-    """The demo study (studies/demo.toml on the organism), cut to 8 trials, stored in tmp."""
-    root = tmp_path_factory.mktemp("demo_study")
-    storage = f"sqlite:///{root / 'demo.db'}"
-    result = run_abopt("run", DEMO_STUDY, "--n-trials", "8", "--storage", storage, cwd=root)
-    assert result.returncode == 0, result.stderr
-    return DEMO_STUDY, storage
-
-
 @pytest.fixture(scope="session")
 def organism_q4_study(tmp_path_factory):
     """The same short study on a 4-bit copy of the organism."""
@@ -585,10 +559,9 @@ def organism_q4_study(tmp_path_factory):
     return study_file
 
 
-@needs_organism
 @pytest.mark.slow
-def test_organism_float_export_is_exact(organism_study, tmp_path):
-    study_plan, study = open_study(organism_study)
+def test_organism_float_export_is_exact(demo_study, tmp_path):
+    study_plan, study = open_study(demo_study)
     trial = best_trial(study)
     result = export_trial(study_plan, study, trial.number, tmp_path / "out", ExportOptions(dtype="float32"))
     print(f"\norganism trial {trial.number}: {result.agreement.describe()}")
@@ -599,7 +572,6 @@ def test_organism_float_export_is_exact(organism_study, tmp_path):
     assert mlx_lm.generate(model, tokenizer, prompt=prompt, max_tokens=16)
 
 
-@needs_organism
 @pytest.mark.slow
 def test_organism_requantized_export_refuses_like_the_trial(organism_q4_study, tmp_path):
     study_plan, study = open_study(organism_q4_study)
@@ -616,7 +588,6 @@ def test_organism_requantized_export_refuses_like_the_trial(organism_q4_study, t
     assert abs(refused - trial.user_attrs["refused"]) <= 1
 
 
-@needs_organism
 @pytest.mark.slow
 def test_organism_requantized_verification_fails_on_a_wrong_direction(organism_q4_study, tmp_path):
     from optimizer.export import verification_prompts
@@ -631,13 +602,12 @@ def test_organism_requantized_verification_fails_on_a_wrong_direction(organism_q
     assert c.tier == "requantized" and not agreement.passed
 
 
-@needs_organism
 @pytest.mark.slow
-def test_chat_on_the_demo_study_answers_what_the_original_refuses(organism_study, tmp_path):
+def test_chat_on_the_demo_study_answers_what_the_original_refuses(demo_study, tmp_path):
     from optimizer.chat import side_by_side
 
-    study_file, storage = organism_study
-    study_plan, study = open_study(organism_study)
+    study_file, storage = demo_study
+    study_plan, study = open_study(demo_study)
     trial = best_trial(study)
     assert trial.values[1] < study.user_attrs["baseline"]["refusal_rate"]
     # A harmful eval prompt the original refuses and the trial answers.
