@@ -89,10 +89,10 @@ def test_every_shipped_study_loads(path):
     assert config.search_space.resolve(28)  # fits a typical model depth
 
 
-def test_demo_study_uses_the_organism_and_default_space():
+def test_demo_study_uses_the_organism_and_wide_space():
     config = load_study(REPO / "studies" / "demo.toml")
     assert config.model == "organism"
-    assert config.search_space == load_search_space("default")
+    assert config.search_space == load_search_space("wide")
     assert (config.optimization.n_trials, config.optimization.n_startup_trials) == (60, 12)
     assert (config.prompts.n_measure, config.prompts.n_eval) == (128, 64)
 

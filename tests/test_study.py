@@ -15,6 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import run_abopt, write_study
+from optimizer.config import load_study
 from optimizer.study import worker_records
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -315,3 +316,23 @@ def test_bad_input_is_one_clear_line_and_leaves_the_study_untouched(case, existi
     assert len(lines) == 1 and lines[0].startswith("abopt: error:"), result.stderr
     assert needle in lines[0], lines[0]
     assert db.read_bytes() == before, "the study database changed"
+
+
+# -- the demo study on the model organism ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_study_finds_a_trial_that_stops_refusing_at_low_kl(demo_study, tmp_path):
+    """studies/demo.toml, run to its end: its front holds a trial with ≤ 10% refusals at KL ≤ 0.5."""
+    study_file, storage = demo_study
+    result = run_abopt("front", study_file, "--json", "--storage", storage, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    original, *front = json.loads(result.stdout)
+    study = load(storage, "demo")
+    print(
+        f"\ndemo study: {states(study)}; original refusal rate {original['refusal_rate']:.1%}; front:\n"
+        + "\n".join(f"  trial {t['trial']:3d}: KL {t['kl_divergence']:.3f}, refusals {t['refusal_rate']:.1%}" for t in front)
+    )
+    assert original["trial"] is None and original["refusal_rate"] >= 0.9
+    assert states(study).get("COMPLETE") == load_study(study_file).optimization.n_trials
+    assert any(t["refusal_rate"] <= 0.10 and t["kl_divergence"] <= 0.5 for t in front)
