@@ -172,7 +172,7 @@ class Evaluator:
         k = self.settings.kl_tokens
         out = []
         with last_positions_only(self.loaded.model, k):
-            for rows in self._batches(inputs):
+            for rows in self._kl_batches(inputs):
                 tokens, padding = pad_left([inputs[r] for r in rows], self.loaded.tokenizer.pad_token_id or 0)
                 logits = self.loaded.model(tokens, cache=batch_cache(self.loaded.model, padding))
                 out.append((rows, logits[:, -k:, :].astype(mx.float32)))
@@ -231,6 +231,25 @@ class Evaluator:
             for row, output in zip(rows, outputs):
                 answers[row] = output
         return answers
+
+    def _kl_batches(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Row indices for the KL forward pass: sorted by length, at most ``batch_size`` rows
+        and at most ``batch_size`` x (mean length) padded tokens a batch.
+
+        A forward pass costs what its padded tokens cost, and prompt lengths vary a lot (a
+        batch of 64 harmless eval prompts is more than half padding), so the long prompts go
+        in smaller batches. Generation keeps full batches: each decode step reads every
+        weight once whatever the rows, so fewer, fuller batches are faster there."""
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        budget = self.batch_size * sum(map(len, sequences)) / max(1, len(sequences))
+        batches: list[list[int]] = []
+        for row in order:
+            last = batches[-1] if batches else []
+            if not last or len(last) == self.batch_size or (len(last) + 1) * len(sequences[row]) > budget:
+                batches.append([row])
+            else:
+                last.append(row)
+        return batches
 
     def _batches(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
         """Row indices in batches of similar length, so little work goes to padding."""
