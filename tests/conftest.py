@@ -28,6 +28,17 @@ def run_abopt(*args: str, cwd: Path | None = None, timeout: float = 600, env: di
     )
 
 
+def user_error(function, *args, **kwargs) -> str:
+    """The message of the UserError ``function(*args, **kwargs)`` raises, checked to be one line."""
+    from optimizer.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        function(*args, **kwargs)
+    message = str(caught.value)
+    assert message and "\n" not in message, message
+    return message
+
+
 def write_study(directory: Path, model: str | Path, *, name: str = "t", n_trials: int = 6, **sections: dict) -> Path:
     """A small study file in ``directory``; ``sections`` override/extend TOML tables."""
     tables = {

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import user_error
 from optimizer.errors import UserError
 from optimizer.markers import BUNDLED_MARKERS, find_refusal, load_markers, normalize
 
@@ -176,11 +177,7 @@ def test_empty_marker_list_is_a_user_error():
 
 
 def _error(source: str, **kwargs) -> str:
-    with pytest.raises(UserError) as caught:
-        load_markers(source, **kwargs)
-    message = str(caught.value)
-    assert message and "\n" not in message, message
-    return message
+    return user_error(load_markers, source, **kwargs)
 
 
 def test_load_markers_from_a_file(tmp_path):

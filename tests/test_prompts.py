@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import user_error
 from optimizer.errors import UserError
 from optimizer.prompts import (
     BUNDLED_DIR,
@@ -54,12 +55,7 @@ def _similarity(a: str, b: str) -> float:
 
 
 def _error(source: str, **kwargs) -> str:
-    """The message of the UserError that load_prompts raises, checked to be one line."""
-    with pytest.raises(UserError) as caught:
-        load_prompts(source, **kwargs)
-    message = str(caught.value)
-    assert message and "\n" not in message, message
-    return message
+    return user_error(load_prompts, source, **kwargs)
 
 
 # -- the bundled sets ---------------------------------------------------------------------
