@@ -415,7 +415,7 @@ def run_benchmark(
 
     pad_id = loaded.tokenizer.pad_token_id or 0
     kl_batches = [
-        pad_left([evaluator._kl_inputs[r] for r in rows], pad_id) for rows in evaluator._kl_batches(evaluator._kl_inputs)
+        pad_left([evaluator._kl_inputs[r] for r in rows], pad_id) for rows in evaluator._batches(evaluator._kl_inputs, cap_padding=True)
     ]
     gen_batches = [
         pad_left([evaluator.harmful_tokens[r] for r in rows], pad_id) for rows in evaluator._batches(evaluator.harmful_tokens)

@@ -172,7 +172,7 @@ class Evaluator:
         k = self.settings.kl_tokens
         out = []
         with last_positions_only(self.loaded.model, k):
-            for rows in self._kl_batches(inputs):
+            for rows in self._batches(inputs, cap_padding=True):
                 tokens, padding = pad_left([inputs[r] for r in rows], self.loaded.tokenizer.pad_token_id or 0)
                 logits = self.loaded.model(tokens, cache=batch_cache(self.loaded.model, padding))
                 out.append((rows, logits[:, -k:, :].astype(mx.float32)))
@@ -232,16 +232,17 @@ class Evaluator:
                 answers[row] = output
         return answers
 
-    def _kl_batches(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Row indices for the KL forward pass: sorted by length, at most ``batch_size`` rows
-        and at most ``batch_size`` x (mean length) padded tokens a batch.
+    def _batches(self, sequences: Sequence[Sequence[int]], *, cap_padding: bool = False) -> list[list[int]]:
+        """Row indices in batches of similar length (sorted), at most ``batch_size`` rows each.
 
-        A forward pass costs what its padded tokens cost, and prompt lengths vary a lot (a
-        batch of 64 harmless eval prompts is more than half padding), so the long prompts go
-        in smaller batches. Generation keeps full batches: each decode step reads every
-        weight once whatever the rows, so fewer, fuller batches are faster there."""
+        With ``cap_padding`` (the KL forward pass), also at most ``batch_size`` x (mean
+        length) padded tokens a batch: a forward pass costs what its padded tokens cost, and
+        prompt lengths vary a lot (64 harmless eval prompts in one batch are more than half
+        padding), so long prompts go in smaller batches. Generation keeps full batches: each
+        decode step reads every weight once whatever the rows, so fewer, fuller batches are
+        faster there."""
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        budget = self.batch_size * sum(map(len, sequences)) / max(1, len(sequences))
+        budget = self.batch_size * sum(map(len, sequences)) / max(1, len(sequences)) if cap_padding else float("inf")
         batches: list[list[int]] = []
         for row in order:
             last = batches[-1] if batches else []
@@ -250,11 +251,6 @@ class Evaluator:
             else:
                 last.append(row)
         return batches
-
-    def _batches(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Row indices in batches of similar length, so little work goes to padding."""
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
