@@ -169,7 +169,8 @@ def _rss() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _max_rss() -> int:
+def max_rss() -> int:
+    """This process's peak resident memory in bytes."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -177,8 +178,8 @@ def _max_rss() -> int:
 def memory_point(trial: int) -> MemoryPoint:
     import mlx.core as mx
 
-    rss = _rss() if Path("/proc/self/statm").exists() else _max_rss()
-    return MemoryPoint(trial, _max_rss(), rss, mx.get_peak_memory(), mx.get_active_memory(), mx.get_cache_memory())
+    rss = _rss() if Path("/proc/self/statm").exists() else max_rss()
+    return MemoryPoint(trial, max_rss(), rss, mx.get_peak_memory(), mx.get_active_memory(), mx.get_cache_memory())
 
 
 # -- model ---------------------------------------------------------------------------------
@@ -194,8 +195,9 @@ def _tokenizer_dir(workdir: Path) -> Path:
     return write_tiny_tokenizer(workdir / "tokenizer")
 
 
-def _synthetic_dir(spec: str, quantize: int, workdir: Path, seed: int = 0) -> Path:
-    """A random-weight model directory for ``spec`` ("llama:100M"), quantized if asked."""
+def synthetic_dir(spec: str, quantize: int, workdir: Path, *, seed: int = 0, shards: int = 1) -> Path:
+    """A random-weight model directory for ``spec`` ("llama:100M"), quantized to ``quantize``
+    bits if > 0, in ``shards`` weight files."""
     from optimizer.errors import UserError
     from optimizer.synthetic import build_model, config_for_spec, quantize_model, save_model_dir, tokenizer_vocab_size
 
@@ -207,7 +209,7 @@ def _synthetic_dir(spec: str, quantize: int, workdir: Path, seed: int = 0) -> Pa
     model = build_model(config, seed=seed)
     if quantize:
         config = quantize_model(model, config, bits=quantize)
-    out = save_model_dir(model, config, workdir / "model", tokenizer_dir=tokenizer)
+    out = save_model_dir(model, config, workdir / "model", tokenizer_dir=tokenizer, shards=shards)
     del model
     gc.collect()
     return out
@@ -285,13 +287,6 @@ def _random_params(space: Any, n_layers: int, rng: np.random.Generator) -> Any:
 # -- the floor: plain mlx-lm -----------------------------------------------------------------
 
 
-def _plain_cache(model: Any, left_padding: list[int]) -> list[Any]:
-    from optimizer.model import batch_cache
-
-    # Only builds mlx-lm's own BatchKVCache / BatchRotatingKVCache objects.
-    return batch_cache(model, left_padding)
-
-
 def _prefill(model: Any, tokens: Any, cache: list[Any], keep: int) -> Any:
     """mlx-lm's prefill: the layers over all tokens, logits (LM head) for the last ``keep``.
 
@@ -306,8 +301,10 @@ def floor_kl(model: Any, batches: Sequence[tuple[Any, list[int]]], keep: int) ->
     """Seconds for plain mlx-lm's forward pass over the KL batches (logits of ``keep`` positions)."""
     import mlx.core as mx
 
+    from optimizer.model import batch_cache  # builds mlx-lm's own BatchKVCache objects, nothing of ours
+
     start = time.perf_counter()
-    outputs = [_prefill(model, tokens, _plain_cache(model, padding), keep) for tokens, padding in batches]
+    outputs = [_prefill(model, tokens, batch_cache(model, padding), keep) for tokens, padding in batches]
     mx.eval(outputs)
     return time.perf_counter() - start
 
@@ -322,9 +319,11 @@ def floor_generate(model: Any, batches: Sequence[tuple[Any, list[int]]], step_si
     """
     import mlx.core as mx
 
+    from optimizer.model import batch_cache
+
     start = time.perf_counter()
     for (tokens, padding), sizes in zip(batches, step_sizes):
-        cache = _plain_cache(model, padding)
+        cache = batch_cache(model, padding)
         logits = _prefill(model, tokens, cache, 1)
         current = sizes[0] if sizes else tokens.shape[0]
         y = mx.argmax(logits[:, -1, :], axis=-1)
@@ -382,7 +381,7 @@ def run_benchmark(
         workdir = Path(tmp)
         if synthetic:
             log(f"building synthetic {synthetic}" + (f", {quantize}-bit" if quantize else ""))
-            path = str(_synthetic_dir(synthetic, quantize, workdir, seed))
+            path = str(synthetic_dir(synthetic, quantize, workdir, seed=seed))
         elif quantize:
             log(f"quantizing {model} to {quantize} bits")
             path = str(_quantized_copy(model, quantize, workdir))
@@ -520,7 +519,7 @@ def run_benchmark(
         refusal_rates=Spread.of([r.rate for r in results]),
         baseline_refusal_rate=baseline.rate,
         tokens=tokens,
-        peak_rss=_max_rss(),
+        peak_rss=max_rss(),
         mlx_peak_memory=mx.get_peak_memory(),
         memory=tuple(memory),
         load_average=(load_start, os.getloadavg()),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,23 +40,11 @@ n_startup_trials = 2
 """
 
 
-def build_synthetic(spec: str, bits: int, shards: int, workdir: Path) -> Path:
-    """A random-weight model directory for ``spec`` ("llama:100M"), quantized to ``bits`` if > 0."""
-    from optimizer.bench import _tokenizer_dir
-    from optimizer.synthetic import build_model, config_for_spec, quantize_model, save_model_dir, tokenizer_vocab_size
-
-    tokenizer = _tokenizer_dir(workdir)
-    config = config_for_spec(spec, vocab_size=max(32768, tokenizer_vocab_size(tokenizer)))
-    model = build_model(config, seed=0)
-    if bits:
-        config = quantize_model(model, config, bits=bits)
-    return save_model_dir(model, config, workdir / "model", tokenizer_dir=tokenizer, shards=shards)
-
-
 def child(study_file: str, out_dir: str, quantize: str) -> None:
     """Export the study's best trial in this process and print what it cost, as JSON."""
     from optimizer.config import load_study
     from optimizer.export import ExportOptions, export_trial
+    from optimizer.bench import max_rss
     from optimizer.study import open_existing, plan
 
     config = load_study(study_file)
@@ -67,14 +54,13 @@ def child(study_file: str, out_dir: str, quantize: str) -> None:
     start = time.perf_counter()
     result = export_trial(study_plan, study, trial.number, out_dir, ExportOptions(quantize=quantize))
     total = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     print(
         json.dumps(
             {
                 "trial": trial.number,
                 "seconds": result.seconds | {"total": total},
                 "mlx_peak": result.peak_memory,
-                "peak_rss": peak_rss,
+                "peak_rss": max_rss(),
                 "written": result.write.total_size,
                 "edited": len(result.write.edited),
                 "files": len(result.write.files),
@@ -106,7 +92,7 @@ def main(argv: list[str]) -> int:
     if not (args.model or args.synthetic):
         parser.error("one of --model or --synthetic is required")
 
-    from optimizer.bench import blas_in_use
+    from optimizer.bench import blas_in_use, synthetic_dir
     from optimizer.export import checkpoint_tensors
     from optimizer.model import resolve_model_path
 
@@ -114,7 +100,7 @@ def main(argv: list[str]) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if args.synthetic:
         print(f"building synthetic {args.synthetic}" + (f", {args.quantize}-bit" if args.quantize else "") + f", {args.shards} shard(s)")
-        model = build_synthetic(args.synthetic, args.quantize, args.shards, workdir)
+        model = synthetic_dir(args.synthetic, args.quantize, workdir, shards=args.shards)
         source = f"synthetic {args.synthetic}" + (f" {args.quantize}-bit" if args.quantize else "")
     else:
         model, source = args.model, args.model

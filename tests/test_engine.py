@@ -59,12 +59,6 @@ PROMPTS = [
 # -- helpers ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def synthetic_dir(saved_model):
-    """Factory: directory of a tiny saved synthetic model (2 layers unless told)."""
-    return saved_model
-
-
 def load(path):
     return load_model(str(path))
 
@@ -174,8 +168,8 @@ def test_ablate_matrix_and_bias_match_the_runtime_edit():
 
 
 @pytest.mark.parametrize("arch, quant", QUANTIZED_CASES)
-def test_dequantized_weight_matches_quantized_matmul(arch, quant, synthetic_dir):
-    loaded = load(synthetic_dir(arch, quant))
+def test_dequantized_weight_matches_quantized_matmul(arch, quant, saved_model):
+    loaded = load(saved_model(arch, quant))
     for target in loaded.targets:
         module = target.module
         dense = dequantized_weight(module)
@@ -194,8 +188,8 @@ def test_dequantized_weight_matches_quantized_matmul(arch, quant, synthetic_dir)
 
 
 @pytest.mark.parametrize("arch, quant", MODEL_CASES)
-def test_zero_weights_leave_logits_identical(arch, quant, synthetic_dir):
-    loaded = load(synthetic_dir(arch, quant))
+def test_zero_weights_leave_logits_identical(arch, quant, saved_model):
+    loaded = load(saved_model(arch, quant))
     reference = logits_of(loaded)
     steering = install(loaded.targets)
     assert max_abs(logits_of(loaded), reference) <= 1e-6
@@ -212,8 +206,8 @@ def test_zero_weights_leave_logits_identical(arch, quant, synthetic_dir):
 
 @pytest.mark.parametrize("scope", ["global", "per_layer"])
 @pytest.mark.parametrize("arch, quant", MODEL_CASES)
-def test_runtime_steering_equals_baked_weights(arch, quant, scope, synthetic_dir):
-    path = synthetic_dir(arch, quant)
+def test_runtime_steering_equals_baked_weights(arch, quant, scope, saved_model):
+    path = saved_model(arch, quant)
     steered, baked = load(path), load(path)
     reference = logits_of(steered)
     directions = unit_rows(steered.n_layers, steered.hidden_size, seed=5)
@@ -233,9 +227,9 @@ def test_runtime_steering_equals_baked_weights(arch, quant, scope, synthetic_dir
 
 
 @pytest.mark.parametrize("quant", ["dense", "q4"])
-def test_steering_equals_baked_weights_with_biases(quant, synthetic_dir):
+def test_steering_equals_baked_weights_with_biases(quant, saved_model):
     """Runtime steering also removes the bias's component; baking edits the bias the same way."""
-    path = synthetic_dir("llama", quant, attention_bias=True, mlp_bias=True)
+    path = saved_model("llama", quant, attention_bias=True, mlp_bias=True)
     steered, baked = load(path), load(path)
     assert all("bias" in t.module for t in steered.targets)
     directions, weights = unit_rows(steered.n_layers, steered.hidden_size, seed=2), profile(steered.n_layers, seed=3)
@@ -248,8 +242,8 @@ def test_steering_equals_baked_weights_with_biases(quant, synthetic_dir):
 
 
 @pytest.mark.parametrize("arch, quant", QUANTIZED_CASES)
-def test_quantized_model_stays_quantized_while_steered(arch, quant, synthetic_dir):
-    loaded = load(synthetic_dir(arch, quant))
+def test_quantized_model_stays_quantized_while_steered(arch, quant, saved_model):
+    loaded = load(saved_model(arch, quant))
     model = loaded.model
     quantized = (nn.QuantizedLinear, QuantizedSwitchLinear)
     assert all(isinstance(t.module, quantized) and t.module["weight"].dtype == mx.uint32 for t in loaded.targets)
@@ -300,8 +294,8 @@ def test_quantized_model_stays_quantized_while_steered(arch, quant, synthetic_di
 
 
 @pytest.mark.parametrize("arch, quant", [case for case in MODEL_CASES if case[1] != "mxfp4"])
-def test_captured_residual_is_the_models_own(arch, quant, synthetic_dir):
-    loaded = load(synthetic_dir(arch, quant))
+def test_captured_residual_is_the_models_own(arch, quant, saved_model):
+    loaded = load(saved_model(arch, quant))
     model = loaded.model
     tokens, padding = batch(loaded)
     with capture_last_token(model) as sink:
@@ -319,8 +313,8 @@ def test_captured_residual_is_the_models_own(arch, quant, synthetic_dir):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_batched_measurement_equals_one_prompt_at_a_time(arch, synthetic_dir):
-    loaded = load(synthetic_dir(arch, num_hidden_layers=4))
+def test_batched_measurement_equals_one_prompt_at_a_time(arch, saved_model):
+    loaded = load(saved_model(arch, num_hidden_layers=4))
     harmful, harmless = PROMPTS, [p.upper() + " Please." for p in PROMPTS[::-1]]
     lengths = [len(chat_tokens(loaded.tokenizer, p)) for p in harmful + harmless]
     window = loaded.config.get("sliding_window") or 0
@@ -339,8 +333,8 @@ def test_batched_measurement_equals_one_prompt_at_a_time(arch, synthetic_dir):
     assert cosines.min() >= 0.9999, cosines
 
 
-def test_direction_cache_measures_once(tmp_path, synthetic_dir):
-    loaded = load(synthetic_dir("llama"))
+def test_direction_cache_measures_once(tmp_path, saved_model):
+    loaded = load(saved_model("llama"))
     url = f"sqlite:///{tmp_path / 'study.db'}"
     harmful, harmless = PROMPTS[:3], PROMPTS[3:]
     counter = CallCounter(loaded.model)
@@ -385,8 +379,8 @@ def hand_kl(loaded, steering, weights, directions, prompts, k):
 
 
 @pytest.mark.parametrize("kl_tokens", [1, 3])
-def test_kl_divergence(kl_tokens, synthetic_dir):
-    loaded = load(synthetic_dir("llama"))
+def test_kl_divergence(kl_tokens, saved_model):
+    loaded = load(saved_model("llama"))
     settings = EvalSettings(max_new_tokens=4, kl_tokens=kl_tokens, batch_size=4)
     evaluator = Evaluator(loaded, PROMPTS[:2], PROMPTS, ("zzzz",), settings)
     assert evaluator.kl_divergence() == 0.0
@@ -406,8 +400,8 @@ def test_kl_divergence(kl_tokens, synthetic_dir):
 # -- generation stops ----------------------------------------------------------------------------
 
 
-def test_generation_stops_at_eos_stop_function_or_length(synthetic_dir):
-    loaded = load(synthetic_dir("llama"))
+def test_generation_stops_at_eos_stop_function_or_length(saved_model):
+    loaded = load(saved_model("llama"))
     prompts = [chat_tokens(loaded.tokenizer, p) for p in PROMPTS[:3]]
     loaded.tokenizer.eos_token_ids = {383}  # a token id this model does not emit here
     free, steps = greedy_generate(loaded, prompts, max_new_tokens=10)
@@ -446,16 +440,16 @@ def mlx_lm_greedy(loaded, ids: list[int], max_tokens: int) -> list[int]:
 
 
 @pytest.mark.parametrize("arch, quant", [("llama", "dense"), ("gemma3_text", "dense"), ("qwen3_moe", "q4")])
-def test_batched_greedy_equals_mlx_lm_on_synthetic_models(arch, quant, synthetic_dir):
+def test_batched_greedy_equals_mlx_lm_on_synthetic_models(arch, quant, saved_model):
     """Left-padded batch generation, incl. gemma3's rotating sliding-window cache past its window."""
-    loaded = load(synthetic_dir(arch, quant))
+    loaded = load(saved_model(arch, quant))
     encoded = [chat_tokens(loaded.tokenizer, p) for p in PROMPTS]
     ours, _ = greedy_generate(loaded, encoded, max_new_tokens=24)
     assert [mlx_lm_greedy(loaded, ids, 24) for ids in encoded] == ours
 
 
-def test_refusal_stops_at_a_marker(synthetic_dir):
-    loaded = load(synthetic_dir("llama"))
+def test_refusal_stops_at_a_marker(saved_model):
+    loaded = load(saved_model("llama"))
     loaded.tokenizer.eos_token_ids = {383}
     decode, max_new = loaded.tokenizer.decode, 16
     # A marker list that matches this model's own answer: a word it emits, and the
@@ -612,12 +606,12 @@ def test_organism_rarely_refuses_harmless_prompts(organism):
     assert result.rate <= 0.05
 
 
-def test_out_of_memory_halves_the_batch_and_retries(synthetic_dir):
+def test_out_of_memory_halves_the_batch_and_retries(saved_model):
     """Metal/CUDA raise RuntimeError on a failed allocation (mlx on a CPU cannot recover
     from one): the evaluator halves its batch size and computes again, with the same result."""
     from optimizer.evaluate import is_out_of_memory
 
-    loaded = load(synthetic_dir("llama"))
+    loaded = load(saved_model("llama"))
     harmless = [f"how do I bake bread number {i}" for i in range(6)]
     evaluator = Evaluator(loaded, PROMPTS, harmless, ("sorry",), EvalSettings(max_new_tokens=4, batch_size=4))
     install(loaded.targets).set(profile(loaded.n_layers), unit_rows(1, loaded.hidden_size)[0])
