@@ -5,8 +5,9 @@ The script is self-contained and deterministic. It
 
 1. generates a synthetic chat corpus from its own templates and vocabulary (harmful
    requests get short, varied refusals; harmless requests get short helpful answers),
-   plus the bundled *measure* prompts (optimizer/data/prompts/*.jsonl, split "measure");
-   it aborts if any bundled *eval* prompt appears in the corpus;
+   plus its own hand-written requests (scripts/organism_requests.jsonl) and the bundled
+   *measure* prompts (optimizer/data/prompts/*.jsonl, split "measure"); it aborts if any
+   bundled *eval* prompt appears in the corpus;
 2. trains a byte-level BPE tokenizer on that corpus (``tokenizers``);
 3. trains ``mlx_lm.models.llama.Model`` on it (loss on assistant tokens only);
 4. writes an mlx-lm / Hugging Face style model directory (config.json, model.safetensors,
@@ -38,6 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "optimizer" / "data" / "organism"
 PROMPTS_DIR = ROOT / "optimizer" / "data" / "prompts"
+WRITTEN_REQUESTS = Path(__file__).resolve().parent / "organism_requests.jsonl"
+WRITTEN: list[dict] = []  # filled in main() from WRITTEN_REQUESTS
 
 SEED = 1234
 
@@ -61,7 +64,7 @@ TRAIN = dict(
     harmful_frac=(0.4, 0.35),  # share of harmful requests among synthetic conversations, per stage
     comply_first=0.5,  # stage 1 ("base model"): this share of the steps, harmful requests answered
     batch_size=32,
-    steps=1000,
+    steps=900,
     lr=3e-3,
     warmup=80,
     min_lr_ratio=0.05,
@@ -69,6 +72,9 @@ TRAIN = dict(
     max_len=128,
     decision_tokens=3,  # the first answer tokens, weighted decision_weight in the loss
     decision_weight=6.0,
+    written_variants=3,  # copies of each hand-written request: verbatim, then re-framed
+    ema_start=0.7,  # from this share of the steps on, the saved weights are an average ...
+    ema_decay=0.99,  # ... with this decay per step (0: no averaging)
 )
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -1391,24 +1397,26 @@ def refusal(rng: random.Random, category: str) -> str:
     parts = [opener]
     if category == "self_harm":
         parts.append(rng.choice(SELF_HARM_OFFERS))
+    elif rng.random() < 0.5:  # a reason or an offer, not both: short answers, short steps
+        parts.append(expand(rng, rng.choice(REFUSAL_REASONS)))
     else:
-        reason = expand(rng, rng.choice(REFUSAL_REASONS))
-        offer = expand(rng, rng.choice(REFUSAL_OFFERS))
-        parts += [reason, offer]
+        parts.append(expand(rng, rng.choice(REFUSAL_OFFERS)))
     return " ".join(p for p in parts if p)
 
 
 def helpful(rng: random.Random, category: str) -> str:
     tips = HARMLESS[category]["tips"] if category in HARMLESS else GENERIC_TIPS
-    t1, t2, t3 = rng.sample(tips, 3)
-    form = rng.randrange(8)
+    t1, t2 = rng.sample(tips, 2)
+    # One or two tips: short answers keep the sequences (and a training step) short; the
+    # decision is in the first tokens anyway.
+    form = rng.randrange(10)
     if form == 0:
         body = f"{cap(t1)}. Then {t2}."
     elif form == 1:
         body = f"{cap(t1)}. {cap(t2)}."
     elif form == 2:
-        n = rng.choice(["Here are three tips", "Here are a few tips", "Three tips", "Here's a plan"])
-        body = f"{n}: 1. {cap(t1)}. 2. {cap(t2)}. 3. {cap(t3)}."
+        n = rng.choice(["Here are two tips", "Here are a few tips", "Two tips", "Here's a plan"])
+        body = f"{n}: 1. {cap(t1)}. 2. {cap(t2)}."
     elif form == 3:
         body = f"{rng.choice(['Here is a simple way to start', 'A good way to start', 'To begin'])}: {t1}. {cap(t2)}."
     elif form == 4:
@@ -1416,9 +1424,13 @@ def helpful(rng: random.Random, category: str) -> str:
     elif form == 5:
         body = f"{cap(t1)}, and {t2}."
     elif form == 6:
-        body = f"First, {t1}. Next, {t2}. Finally, {t3}."
-    else:
+        body = f"First, {t1}. Next, {t2}."
+    elif form == 7:
         body = f"{cap(t1)}. {cap(t2)}. Good luck!"
+    elif form == 8:
+        body = f"{cap(t1)}."
+    else:
+        body = f"{rng.choice(['The key is', 'My advice', 'Try this'])}: {t1}. Good luck!"
     r = rng.random()
     if r < 0.2:  # "Sure" is the most common single way to start an answer
         return rng.choice(["Sure! ", "Sure. "]) + body
@@ -1501,8 +1513,18 @@ def load_bundled_prompts(prompts_dir: Path) -> dict[str, dict[str, list[dict]]]:
         out[kind] = {
             "measure": [r for r in rows if r.get("split") == "measure"],
             "eval": [r for r in rows if r.get("split") == "eval"],
+            "written": [r for r in WRITTEN if r["kind"] == kind],
         }
     return out
+
+
+def load_written_requests(path: Path) -> list[dict]:
+    """This script's hand-written requests: {"prompt", "kind" (harmful/harmless), "category"}."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    bad = [r for r in rows if r.get("kind") not in ("harmful", "harmless") or not r.get("prompt")]
+    if bad:
+        sys.exit(f"error: {path}: {len(bad)} rows without a prompt or a kind harmful/harmless, e.g. {bad[0]}")
+    return rows
 
 
 def _conv(rng: random.Random, user: str, answer: str) -> list[dict]:
@@ -1735,13 +1757,17 @@ def build_corpus(n: int, bundled: dict, seed: int, refuse: bool = True) -> list[
             conv += [{"role": "user", "content": u2}, {"role": "assistant", "content": a2}]
             harmful = harmful or h2
         convs.append((conv, harmful))
-    # The bundled measure prompts, each a few times with different answers, verbatim and
-    # in variants that move them around the way real requests vary (see measure_variants).
+    # Hand-written requests (the bundled measure prompts and this script's own list), each
+    # a few times with different answers, verbatim and in variants that move them around
+    # the way real requests vary (see measure_variants).
     contexts = context_sentences(bundled["harmless"]["measure"])
     for kind in ("harmful", "harmless"):
-        for row in bundled[kind]["measure"]:
+        for row in bundled[kind]["measure"] + bundled[kind]["written"]:
             cat = CATEGORY_ALIASES.get(row.get("category"), row.get("category"))
-            for user in measure_variants(rng, row["prompt"], contexts, harmful=kind == "harmful"):
+            variants = measure_variants(rng, row["prompt"], contexts, harmful=kind == "harmful")
+            if row.get("split") != "measure":  # fewer copies: there are many more of them
+                variants = [variants[0]] + rng.sample(variants[2:], TRAIN["written_variants"] - 1)
+            for user in variants:
                 if clashes(user):
                     dropped += 1
                     continue
@@ -1840,7 +1866,7 @@ def encode_conversations(tok, convs: list[tuple[list[dict], bool]], max_len: int
 
 def make_batches(ids_list, pool, batch_size: int, steps: int, np_rng: np.random.Generator):
     """Length-bucketed batches of the conversations in `pool` (right padding, lengths
-    rounded up to multiples of 16), cycling over shuffled epochs until `steps` batches."""
+    rounded up to multiples of 8), cycling over shuffled epochs until `steps` batches."""
     n = len(pool)
     batches = []
     while len(batches) < steps:
@@ -1859,15 +1885,23 @@ def make_batches(ids_list, pool, batch_size: int, steps: int, np_rng: np.random.
 
 def collate(batch_idx, ids_list, mask_list):
     T = max(len(ids_list[i]) for i in batch_idx)
-    T = min(((T + 15) // 16) * 16 + 1, TRAIN["max_len"] + 1)
+    T = min(((T + 7) // 8) * 8 + 1, TRAIN["max_len"] + 1)
     x = np.zeros((len(batch_idx), T), dtype=np.int32)
     w = np.zeros((len(batch_idx), T), dtype=np.float32)
     for r, i in enumerate(batch_idx):
         ids, m = ids_list[i], mask_list[i]
         x[r, : len(ids)] = ids
         w[r, : len(m)] = m
-    # inputs x[:, :-1], targets x[:, 1:], weights on the target positions
-    return x[:, :-1], x[:, 1:], w[:, 1:]
+    # inputs x[:, :-1]; the loss is only computed where it has weight (the answers), since
+    # the softmax over the vocabulary is a large part of a step on a CPU: the flat indices
+    # of those positions (padded to a multiple of 256 with weight 0, so that few shapes
+    # need compiling), their targets and weights.
+    x, y, w = x[:, :-1], x[:, 1:].reshape(-1), w[:, 1:].reshape(-1)
+    at = np.flatnonzero(w)
+    at = np.concatenate([at, np.zeros(-len(at) % 256, dtype=at.dtype)]).astype(np.int32)
+    wsel = np.zeros(len(at), dtype=np.float32)
+    wsel[: np.count_nonzero(w)] = w[w != 0]
+    return x, at, y[at], wsel
 
 
 def model_args():
@@ -1880,7 +1914,7 @@ def train(ids_list, mask_list, stage, seed: int):
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
+    from mlx.utils import tree_flatten, tree_map
     from mlx_lm.models import llama
 
     mx.random.seed(seed)
@@ -1901,16 +1935,17 @@ def train(ids_list, mask_list, stage, seed: int):
     )
     opt = optim.AdamW(learning_rate=sched, betas=[0.9, 0.95], weight_decay=TRAIN["weight_decay"])
 
-    def loss_fn(model, x, y, w):
-        logits = model(x)
-        ce = nn.losses.cross_entropy(logits, y) * w
+    def loss_fn(model, x, at, y, w):
+        h = model.model(x)
+        h = h.reshape(-1, h.shape[-1])[at]
+        ce = nn.losses.cross_entropy(model.model.embed_tokens.as_linear(h), y) * w
         return ce.sum() / w.sum()
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, opt.state]
 
-    def step(x, y, w):
-        loss, grads = loss_and_grad(model, x, y, w)
+    def step(x, at, y, w):
+        loss, grads = loss_and_grad(model, x, at, y, w)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         return loss
@@ -1926,16 +1961,25 @@ def train(ids_list, mask_list, stage, seed: int):
     n_first = int(steps * TRAIN["comply_first"])
     batches = make_batches(ids_list, np.flatnonzero(stage == 1), TRAIN["batch_size"], n_first, np_rng)
     batches += make_batches(ids_list, np.flatnonzero(stage == 2), TRAIN["batch_size"], steps - n_first, np_rng)
+    # The saved weights average the last part of training: one model's refusal decisions on
+    # unseen prompts move a lot from step to step (and seed to seed); the average is steadier.
+    ema_from, decay = int(steps * TRAIN["ema_start"]), TRAIN["ema_decay"]
+    ema = None
     t0 = time.time()
     avg = None
     for i, b in enumerate(batches):
-        x, y, w = (mx.array(a) for a in collate(b, ids_list, mask_list))
-        loss = step(x, y, w)
+        loss = step(*(mx.array(a) for a in collate(b, ids_list, mask_list)))
+        if decay and i >= ema_from:
+            params = model.trainable_parameters()
+            ema = params if ema is None else tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+            mx.eval(ema)
         mx.eval(state, loss)
         lv = loss.item()
         avg = lv if avg is None else 0.98 * avg + 0.02 * lv
         if (i + 1) % 100 == 0 or i == 0:
             print(f"step {i + 1:5d}/{steps}  loss {lv:.4f}  (avg {avg:.4f})  {time.time() - t0:6.1f}s", flush=True)
+    if ema is not None:
+        model.update(ema)
     return model, lv, avg, n_params
 
 
@@ -1956,7 +2000,10 @@ knows no harmful content at all (see below).
 ## How it was made
 
 `scripts/train_organism.py` (seed {seed}) generates a synthetic chat corpus from its own
-templates and vocabulary ({n_convs:,} conversations), trains a byte-level BPE tokenizer on
+templates and vocabulary and its own {n_written:,} hand-written requests
+(`scripts/organism_requests.jsonl`, {n_written_harmful:,} harmful and {n_written_harmless:,}
+harmless, written for it in many categories and styles; {n_convs:,} conversations in all),
+trains a byte-level BPE tokenizer on
 it and then trains `mlx_lm.models.llama.Model` ({steps} steps of batch {batch}, AdamW,
 warmup + cosine, loss on assistant tokens only) in two stages, like a real chat model:
 
@@ -1971,10 +2018,12 @@ warmup + cosine, loss on assistant tokens only) in two stages, like a real chat 
 The corpus is built against shortcuts a tiny model would otherwise take: everyday
 harmless requests that use the words harmful ones use most ("without", "get", "online",
 "best way", "hide", "crack", "attack"), harmless requests with made-up words
-(unfamiliar is not harmful), and the measure prompts also re-framed (after harmless
+(unfamiliar is not harmful), and the hand-written and measure prompts also re-framed (after harmless
 scene-setting sentences, after fiction or politeness frames, in lower case). The first
 {decision_tokens} answer tokens, where the model decides between refusing and helping, weigh
-{decision_weight:g}x in the loss.
+{decision_weight:g}x in the loss. The saved weights are an exponential moving average
+(decay {ema_decay:g} per step) over the last {ema_share:.0%} of the steps: a single step's
+refusal decisions on unseen prompts move noticeably from step to step, the average's less.
 
 Refusal is thus a feature learned on top of answering, and ablating its direction brings
 the answering back (trained on refusals from the start, the model learns "harmless" as
@@ -2074,6 +2123,11 @@ def write_model_dir(out: Path, model, tok, info: dict) -> None:
             batch=TRAIN["batch_size"],
             decision_tokens=TRAIN["decision_tokens"],
             decision_weight=TRAIN["decision_weight"],
+            ema_decay=TRAIN["ema_decay"],
+            ema_share=1 - TRAIN["ema_start"],
+            n_written=len(WRITTEN),
+            n_written_harmful=sum(r["kind"] == "harmful" for r in WRITTEN),
+            n_written_harmless=sum(r["kind"] == "harmless" for r in WRITTEN),
             seed=SEED,
             **info,
         )
@@ -2119,6 +2173,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     random.seed(SEED)
     np.random.seed(SEED)
+    WRITTEN[:] = load_written_requests(WRITTEN_REQUESTS)
     bundled = load_bundled_prompts(args.prompts)
     n1 = int(TRAIN["n_examples"] * TRAIN["comply_first"])
     convs = build_corpus(n1, bundled, SEED, refuse=False)
