@@ -40,7 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "optimizer" / "data" / "organism"
 PROMPTS_DIR = ROOT / "optimizer" / "data" / "prompts"
 WRITTEN_REQUESTS = Path(__file__).resolve().parent / "organism_requests.jsonl"
-WRITTEN: list[dict] = []  # filled in main() from WRITTEN_REQUESTS
 
 SEED = 1234
 
@@ -1503,24 +1502,29 @@ def maths(rng: random.Random) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------
 
 
-def load_bundled_prompts(prompts_dir: Path) -> dict[str, dict[str, list[dict]]]:
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_bundled_prompts(prompts_dir: Path, written: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """Per kind: the bundled measure and eval prompts, and this script's ``written`` requests."""
     out: dict[str, dict[str, list[dict]]] = {}
     for kind in ("harmful", "harmless"):
         path = prompts_dir / f"{kind}.jsonl"
         if not path.is_file():
             sys.exit(f"error: {path} is missing; the organism is trained with the bundled prompt sets")
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_jsonl(path)
         out[kind] = {
             "measure": [r for r in rows if r.get("split") == "measure"],
             "eval": [r for r in rows if r.get("split") == "eval"],
-            "written": [r for r in WRITTEN if r["kind"] == kind],
+            "written": [r for r in written if r["kind"] == kind],
         }
     return out
 
 
 def load_written_requests(path: Path) -> list[dict]:
     """This script's hand-written requests: {"prompt", "kind" (harmful/harmless), "category"}."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path)
     bad = [r for r in rows if r.get("kind") not in ("harmful", "harmless") or not r.get("prompt")]
     if bad:
         sys.exit(f"error: {path}: {len(bad)} rows without a prompt or a kind harmful/harmless, e.g. {bad[0]}")
@@ -1898,9 +1902,9 @@ def collate(batch_idx, ids_list, mask_list):
     # need compiling), their targets and weights.
     x, y, w = x[:, :-1], x[:, 1:].reshape(-1), w[:, 1:].reshape(-1)
     at = np.flatnonzero(w)
-    at = np.concatenate([at, np.zeros(-len(at) % 256, dtype=at.dtype)]).astype(np.int32)
-    wsel = np.zeros(len(at), dtype=np.float32)
-    wsel[: np.count_nonzero(w)] = w[w != 0]
+    wsel = np.zeros(len(at) + -len(at) % 256, dtype=np.float32)
+    wsel[: len(at)] = w[at]
+    at = np.concatenate([at, np.zeros(len(wsel) - len(at), dtype=at.dtype)]).astype(np.int32)
     return x, at, y[at], wsel
 
 
@@ -2125,9 +2129,6 @@ def write_model_dir(out: Path, model, tok, info: dict) -> None:
             decision_weight=TRAIN["decision_weight"],
             ema_decay=TRAIN["ema_decay"],
             ema_share=1 - TRAIN["ema_start"],
-            n_written=len(WRITTEN),
-            n_written_harmful=sum(r["kind"] == "harmful" for r in WRITTEN),
-            n_written_harmless=sum(r["kind"] == "harmless" for r in WRITTEN),
             seed=SEED,
             **info,
         )
@@ -2173,8 +2174,8 @@ def main(argv=None) -> int:
     t_start = time.time()
     random.seed(SEED)
     np.random.seed(SEED)
-    WRITTEN[:] = load_written_requests(WRITTEN_REQUESTS)
-    bundled = load_bundled_prompts(args.prompts)
+    written = load_written_requests(WRITTEN_REQUESTS)
+    bundled = load_bundled_prompts(args.prompts, written)
     n1 = int(TRAIN["n_examples"] * TRAIN["comply_first"])
     convs = build_corpus(n1, bundled, SEED, refuse=False)
     n_stage1 = len(convs)
@@ -2196,7 +2197,11 @@ def main(argv=None) -> int:
     train_time = time.time() - t_start
     write_model_dir(
         tmp, model, tok,
-        dict(n_params=n_params, n_convs=len(ids_list), train_time=train_time, final_loss=final_loss, avg_loss=avg_loss),
+        dict(
+            n_params=n_params, n_convs=len(ids_list), train_time=train_time, final_loss=final_loss, avg_loss=avg_loss,
+            n_written=len(written), n_written_harmful=len(bundled["harmful"]["written"]),
+            n_written_harmless=len(bundled["harmless"]["written"]),
+        ),
     )
     out.mkdir(parents=True, exist_ok=True)
     for f in MODEL_FILES:
