@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
-import sqlalchemy as sa
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard._note import note_ver_key, split_body
@@ -27,6 +26,7 @@ from optuna_dashboard.artifact._backend import DASHBOARD_ARTIFACTS_ATTR_PREFIX
 
 from optimizer.errors import UserError
 from optimizer.front import quality
+from optimizer.storage import beside_study
 from optimizer.report import COMPONENT_LABELS, clean, counts, direction_text, percent
 
 if TYPE_CHECKING:
@@ -41,11 +41,7 @@ COLORS = {"attn": "#1f77b4", "mlp": "#d62728"}
 
 def artifact_dir(config: StudyConfig, storage_url: str) -> Path:
     """The study's artifact directory: beside its SQLite file, else beside the study file."""
-    url = sa.engine.make_url(storage_url)
-    if url.get_backend_name() == "sqlite" and url.database:
-        database = Path(url.database)
-        return database.with_name(database.stem + ARTIFACTS_SUFFIX)
-    return config.base_dir / (config.name + ARTIFACTS_SUFFIX)
+    return beside_study(storage_url, config.base_dir, config.name, ARTIFACTS_SUFFIX)
 
 
 def artifact_store(directory: Path) -> FileSystemArtifactStore:

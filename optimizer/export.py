@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import gc
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ import optuna
 from optimizer import __version__
 from optimizer.bake import QUANTIZED_TYPES, ablate_bias, ablate_matrix, bake_into, dequantize_arrays, quantize_arrays
 from optimizer.errors import UserError
+from optimizer.files import current_umask
 from optimizer.model import LoadedModel, Target, chat_tokens, forward, last_positions_only, load_model, pad_left
 from optimizer.study import StudyPlan
 from optimizer.steering import Steering
@@ -795,7 +795,7 @@ def export_trial(
     check_out_dir(out, source, options.force)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.abopt-export-", dir=out.parent))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; OUT_DIR gets the usual mode
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; OUT_DIR gets the usual mode
     except OSError as error:
         raise UserError(f"cannot write in {out.parent} ({error.strerror or error}); choose a writable OUT_DIR") from None
     try:
@@ -864,12 +864,6 @@ def _export_into(
     card = model_card(plan, study, trial, params, weights, out, options, units, result, agreement)
     (staging / "README.md").write_text(card)
     return result, agreement, seconds, peaks
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -12,7 +12,7 @@ import datetime
 import html
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import optuna
 import plotly.graph_objects as go
@@ -21,6 +21,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from optimizer.errors import UserError
+from optimizer.files import write_atomic
 from optimizer.front import baseline, quality
 from optimizer.report import (
     PROFILE_LEGEND,
@@ -395,15 +396,31 @@ def report_html(study: optuna.Study) -> str:
 """
 
 
-def write_report(study: optuna.Study, path: Path) -> int:
-    """Write the report to ``path``; returns its size in bytes."""
+def write_report(study: optuna.Study, path: Path, *, force: bool = False, protected: Sequence[Path] = ()) -> int:
+    """Write the report to ``path`` (atomically); returns its size in bytes.
+
+    An existing ``path`` is replaced only with ``force``, and never when it is one of
+    ``protected`` (the study's own database and study file) or a file beside one of them.
+    """
+    check_report_path(path, force, protected)
+    data = report_html(study).encode()
+    try:
+        write_atomic(path, data)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}; pick a writable path for --html") from None
+    return len(data)
+
+
+def check_report_path(path: Path, force: bool, protected: Sequence[Path]) -> None:
+    """Refuse a directory, a missing parent, a study's own file, or (without ``force``) any existing file."""
     if path.is_dir():
         raise UserError(f"{path} is a directory; give a file name for the report, e.g. {path / 'report.html'}")
     if not path.parent.is_dir():
         raise UserError(f"cannot write {path}: directory {path.parent} does not exist; create it or pick another path")
-    text = report_html(study)
-    try:
-        path.write_text(text, encoding="utf-8")
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror}; pick a writable path for --html") from None
-    return len(text.encode())
+    real = path.resolve()
+    for kept in (p.resolve() for p in protected):
+        # SQLite keeps a study in DB and, while it is open, DB-wal, DB-shm or DB-journal.
+        if real == kept or (real.parent == kept.parent and real.name.startswith(kept.name + "-")):
+            raise UserError(f"{path} is a file of the study itself ({kept.name}); write the report to another file")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise UserError(f"{path} already exists; choose another file name or pass --force to replace it")

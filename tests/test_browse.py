@@ -26,7 +26,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import run_abopt, write_study
+from conftest import run_abopt, study_dump, write_study
 from optimizer.report_html import FRONT_DIV, HISTORY_DIV, IMPORTANCE_DIV, PROFILES_DIV, hypervolume
 
 # Words found in some of the random model's answers and not in others: counted as
@@ -454,6 +454,51 @@ def test_bad_input_is_one_clear_line(case, study, empty_study):
     assert len(lines) == 1 and lines[0].startswith("abopt: error: "), result.stderr
     assert expected in lines[0]
     assert sorted(p.name for p in cwd.iterdir()) == before  # nothing created (no stray .db)
+
+
+@pytest.mark.parametrize("target", ["t.db", "t.db-wal", "t.toml"])
+def test_report_never_writes_over_the_study_itself(study, target):
+    root, study_file, _ = study
+    before = study_dump(root / "t.db"), study_file.read_text()
+    for force in ([], ["--force"]):
+        result = run_abopt("report", study_file, "--html", root / target, *force, cwd=root)
+        assert result.returncode == 2, result.stdout
+        assert result.stderr.strip().startswith(f"abopt: error: {root / target} is a file of the study itself")
+    assert (study_dump(root / "t.db"), study_file.read_text()) == before
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_report_replaces_an_existing_file_only_with_force(study, tmp_path):
+    root, study_file, _ = study
+    page = tmp_path / "page.html"
+    page.write_text("mine")
+    refused = run_abopt("report", study_file, "--html", page, cwd=root)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == f"abopt: error: {page} already exists; choose another file name or pass --force to replace it"
+    assert page.read_text() == "mine"
+    replaced = run_abopt("report", study_file, "--html", page, "--force", cwd=root)
+    assert replaced.returncode == 0, replaced.stderr
+    assert page.read_text().startswith("<!DOCTYPE html>")
+    assert [p.name for p in tmp_path.iterdir()] == ["page.html"]  # no temporary file left
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_report_that_does_not_fit_leaves_the_old_one_whole(study, tmp_path):
+    root, study_file, _ = study
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], check=True)
+    try:
+        page = disk / "report.html"
+        page.write_text("the old report")
+        result = run_abopt("report", study_file, "--html", page, "--force", cwd=root)
+        assert result.returncode == 2, result.stdout
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"abopt: error: cannot write {page}"), result.stderr
+        assert page.read_text() == "the old report"
+        assert [p.name for p in disk.iterdir()] == ["report.html"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_dashboard_on_a_port_in_use_is_one_clear_line(study):
