@@ -23,6 +23,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import MODEL_REMAPPING
 
 from optimizer.errors import UserError
+from optimizer.fingerprint import model_identity
 from optimizer.patch import patch, set_private, unpatch
 
 ORGANISM = "organism"
@@ -159,20 +160,20 @@ def compute_dtype(requested: str) -> mx.Dtype | None:
     return _DTYPES[requested]
 
 
-def load_model(source: str, *, dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
-    """Load ``source`` with mlx-lm and locate its decoder layers and steering targets."""
+def load_model(source: str, *, dtype: str = "auto", trust_remote_code: bool = False, lazy: bool = False) -> LoadedModel:
+    """Load ``source`` with mlx-lm and locate its decoder layers and steering targets.
+
+    ``lazy`` builds the model and checks every weight file and tensor without reading the
+    weights: what ``abopt run`` does before it touches a study.
+    """
     path = resolve_model_path(source)
     config = read_config(path)
-    try:
-        model, tokenizer = mlx_lm.load(
-            str(path), model_config=rope_overrides(config), trust_remote_code=trust_remote_code
-        )
-    except (ValueError, FileNotFoundError) as error:
-        raise UserError(f"mlx-lm cannot load {source!r}: {error}") from None
+    model, tokenizer = _mlx_load(path, config, trust_remote_code, lazy)
     target_dtype = compute_dtype(dtype)
     if target_dtype is not None:
         model.set_dtype(target_dtype)
-        mx.eval(model.parameters())
+        if not lazy:
+            mx.eval(model.parameters())
     hidden_size = _hidden_size(model, config)
     targets = find_targets(model, hidden_size)
     if not targets:
@@ -194,6 +195,33 @@ def load_model(source: str, *, dtype: str = "auto", trust_remote_code: bool = Fa
         tokenizer_identity=tokenizer_identity(path, tokenizer),
         dtype=str(target_dtype or _first_float_dtype(model)).removeprefix("mlx.core."),
     )
+
+
+def _mlx_load(path: Path, config: dict, trust_remote_code: bool, lazy: bool) -> tuple[nn.Module, TokenizerWrapper]:
+    """``mlx_lm.load``, with each way a model directory can be broken told in one line."""
+    try:
+        return mlx_lm.load(str(path), model_config=rope_overrides(config), trust_remote_code=trust_remote_code, lazy=lazy)
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(f"mlx-lm cannot load {path}: {_first_line(error)}; check that it holds the whole model (config.json, *.safetensors, tokenizer files)") from None
+    except RuntimeError as error:
+        if "safetensors" not in str(error):
+            raise
+        raise UserError(
+            f"a weight file in {path} is incomplete or corrupt ({_first_line(error)}); "
+            "download or copy the model again"
+        ) from None
+    except (TypeError, KeyError, AttributeError) as error:
+        # mlx-lm builds the model's ModelArgs from config.json: a config written for another
+        # architecture (or missing fields) fails here.
+        raise UserError(
+            f"{path / 'config.json'} does not fit model_type {config['model_type']!r} "
+            f"({_first_line(error)}); fix config.json or point at the right model"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -256,25 +284,6 @@ def _first_float_dtype(model: nn.Module) -> mx.Dtype:
         if mx.issubdtype(value.dtype, mx.floating):
             return value.dtype
     return mx.float32
-
-
-def model_identity(path: Path) -> str:
-    """A fingerprint of the weights and config that costs milliseconds, not a full read.
-
-    Hashes config.json, each safetensors file's size and header (tensor names, dtypes,
-    shapes, offsets) and 16 evenly spaced 64 KiB samples of its data.
-    """
-    digest = hashlib.sha256((path / "config.json").read_bytes())
-    for weights in sorted(path.glob("*.safetensors")):
-        size = weights.stat().st_size
-        digest.update(f"{weights.name}:{size}".encode())
-        with weights.open("rb") as handle:
-            header_length = int.from_bytes(handle.read(8), "little")
-            digest.update(handle.read(header_length))
-            for step in range(16):
-                handle.seek(size * step // 16)
-                digest.update(handle.read(1 << 16))
-    return digest.hexdigest()[:16]
 
 
 def tokenizer_identity(path: Path, tokenizer: TokenizerWrapper) -> str:
