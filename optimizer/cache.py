@@ -1,19 +1,24 @@
 """Results computed once per study and shared by all its workers, in the study's database.
 
 A small SQLAlchemy table beside Optuna's holds them under a content fingerprint. The
-first worker to insert a claim row computes; the others wait for it, and take over only
-if the claim's heartbeat stops (its process died). So directions are measured exactly
-once however many workers start together, on SQLite or PostgreSQL.
+first worker to insert a claim row computes; the others wait for it, and take over if the
+claim's process is known dead (on this machine) or its heartbeat stops (on another one).
+So directions are measured exactly once however many workers start together, on SQLite or
+PostgreSQL.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import uuid
 from typing import Callable, TypeVar
 
 import sqlalchemy as sa
+
+from optimizer.stopping import pid_alive
 
 STALE_SECONDS = 60.0  # a claim not refreshed for this long belongs to a dead process
 
@@ -89,6 +94,30 @@ def serialized_setup(storage_url: str, setup: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
+def new_owner() -> str:
+    """A claim owner naming this process: ``<random>:<pid>:<host>`` (at most 64 characters)."""
+    return f"{uuid.uuid4().hex[:12]}:{os.getpid()}:{socket.gethostname()[:40]}"
+
+
+def _owner_process(owner: str) -> tuple[int, str] | None:
+    parts = owner.split(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None  # a claim written before owners named their process
+    return int(parts[1]), parts[2]
+
+
+def owner_dead(owner: str) -> bool:
+    """Whether the claim's process is known to be gone (knowable only on its own machine)."""
+    process = _owner_process(owner)
+    return process is not None and process[1] == socket.gethostname()[:40] and not pid_alive(process[0])
+
+
+def describe_owner(owner: str) -> str:
+    """A claim owner as people read it."""
+    process = _owner_process(owner)
+    return f"process {process[0]} on {process[1]}" if process else owner
+
+
 class OnceStore:
     """Byte payloads keyed by fingerprint, each computed by exactly one worker."""
 
@@ -111,24 +140,36 @@ class OnceStore:
         return int(value or 0)
 
     def get_or_compute(
-        self, key: str, compute: Callable[[], bytes], *, poll_seconds: float = 0.5
+        self,
+        key: str,
+        compute: Callable[[], bytes],
+        *,
+        poll_seconds: float = 0.5,
+        on_wait: Callable[[str], None] = lambda _: None,
     ) -> tuple[bytes, bool]:
         """The stored payload, or ``compute()`` it here if no live worker is doing so.
 
-        Returns the payload and whether this call computed it.
+        Returns the payload and whether this call computed it; ``on_wait`` hears, once per
+        holder, which worker this call is waiting for.
         """
-        owner = uuid.uuid4().hex
+        owner = new_owner()
+        waiting_for = None
         while True:
             payload = self.get(key)
             if payload is not None:
                 return payload, False
-            if self._claim(key, owner):
+            holder = self._claim(key, owner)
+            if holder is None:
                 payload = self._compute_with_heartbeat(key, owner, compute)
                 self._store(key, owner, payload)
                 return payload, True
+            if holder != waiting_for:
+                waiting_for = holder
+                on_wait(f"waiting for {describe_owner(holder)}, which is computing the study's {key.split(':')[0]}")
             time.sleep(poll_seconds)
 
-    def _claim(self, key: str, owner: str) -> bool:
+    def _claim(self, key: str, owner: str) -> str | None:
+        """Claim ``key`` for ``owner``: None when claimed, else the owner that holds it."""
         now = time.time()
         with self.engine.connect() as connection:
             row = connection.execute(sa.select(_table).where(_table.c.key == key)).first()
@@ -138,10 +179,10 @@ class OnceStore:
                     connection.execute(
                         _table.insert().values(key=key, status="computing", owner=owner, heartbeat=now, computations=0)
                     )
-                return True
+                return None
             except sa.exc.IntegrityError:
-                return False
-        if row.status == "computing" and now - row.heartbeat > STALE_SECONDS:
+                return "another worker"
+        if row.status == "computing" and (now - row.heartbeat > STALE_SECONDS or owner_dead(row.owner)):
             # Compare-and-swap on (owner, heartbeat): one taker wins.
             with self.engine.begin() as connection:
                 taken = connection.execute(
@@ -149,8 +190,8 @@ class OnceStore:
                     .where(_table.c.key == key, _table.c.owner == row.owner, _table.c.heartbeat == row.heartbeat)
                     .values(owner=owner, heartbeat=now)
                 )
-            return taken.rowcount == 1
-        return False
+            return None if taken.rowcount == 1 else row.owner
+        return row.owner
 
     def _compute_with_heartbeat(self, key: str, owner: str, compute: Callable[[], bytes]) -> bytes:
         stop = threading.Event()

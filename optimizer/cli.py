@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-import signal
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,20 +11,31 @@ import click
 from rich.console import Console
 
 from optimizer import __version__
-from optimizer.errors import UserError
+from optimizer.errors import UserError, disk_full_message
 from optimizer.runtime import ensure_fast_blas
+from optimizer.stopping import Stopped, handle_stop_signals
 
 BUNDLED_DEMO = Path(__file__).parent / "data" / "studies" / "demo.toml"
 
 
 class _Group(click.Group):
-    """Turns a UserError anywhere below into one line on stderr and exit code 2."""
+    """Turns a UserError or a full disk anywhere below into one line on stderr and exit code 2,
+    and a stop request (Ctrl-C, SIGTERM...) outside a run into its exit code."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except UserError as error:
             click.echo(f"abopt: error: {error}", err=True)
+            sys.exit(2)
+        except Stopped as stop:
+            click.echo(f"abopt: stopped ({stop.reason})", err=True)
+            sys.exit(stop.exit_code)
+        except Exception as error:
+            message = disk_full_message(error)
+            if message is None:
+                raise
+            click.echo(f"abopt: error: {message}", err=True)
             sys.exit(2)
 
 
@@ -46,10 +57,16 @@ def _study_option(function):
 
 
 def _load(study_file: str | None, storage: str | None):
-    """The study config and its storage URL; no file means the bundled demo, stored in ./demo.db."""
+    """The study config and its storage URL. No file means the bundled demo: in a checkout
+    of abopt, the studies/demo.toml that ./scripts/demo runs (with its own studies/demo.db);
+    anywhere else, stored in ./demo.db."""
     from optimizer.config import load_study, storage_url_for
 
     if study_file is None:
+        checkout_demo = Path("studies") / "demo.toml"
+        if checkout_demo.is_file() and checkout_demo.samefile(BUNDLED_DEMO):
+            config = load_study(checkout_demo)
+            return config, storage_url_for(config, storage)
         config = load_study(BUNDLED_DEMO)
         return config, storage_url_for(config, storage or "sqlite:///demo.db")
     config = load_study(study_file)
@@ -60,28 +77,52 @@ def _load(study_file: str | None, storage: str | None):
 @click.argument("study_file", required=False, metavar="[STUDY.toml]")
 @click.option("--n-trials", type=click.IntRange(min=1), help="Complete trials the study should reach (default: the study file's).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes on this machine.")
+@click.option("--timeout", metavar="DURATION", help="Time budget, e.g. 90m or 8h: then stop (exit 0); the same command continues.")
 @_study_option
-@click.option("--as-worker", is_flag=True, hidden=True)
-def run(study_file: str | None, n_trials: int | None, workers: int, storage: str | None, as_worker: bool) -> None:
-    """Create or resume a study and run it (no STUDY.toml: the bundled demo, offline)."""
-    from optimizer.run import INTERRUPTED, run_as_worker, run_study
-    from optimizer.progress import Progress
+@click.option("--as-worker", type=int, hidden=True)
+def run(study_file: str | None, n_trials: int | None, workers: int, timeout: str | None, storage: str | None, as_worker: int | None) -> None:
+    """Create or resume a study and run it (no STUDY.toml: the bundled demo, offline).
 
+    Ctrl-C, SIGTERM, SIGHUP and --timeout stop within seconds: the running trial is failed
+    and queued again, the front is printed, and the same command resumes.
+    """
+    from optimizer.progress import Progress
+    from optimizer.run import run_as_worker, run_study
+    from optimizer.stopping import handle_stop_signals, parse_duration
+
+    seconds = parse_duration(timeout) if timeout is not None else None
+    handle_stop_signals(seconds)
     config, storage_url = _load(study_file, storage)
-    if as_worker:
-        sys.exit(INTERRUPTED if run_as_worker(config, storage_url, n_trials) else 0)
+    if as_worker is not None:
+        sys.exit(run_as_worker(config, storage_url, n_trials, as_worker))
     console = Console()
     console.print(f"study [bold]{config.name}[/] · model {config.model} · storage {_shown_url(storage_url)}")
-    result = run_study(config, storage_url, n_trials=n_trials, workers=workers, progress=Progress(config.name, console=console))
+    result = run_study(config, storage_url, n_trials=n_trials, workers=workers, progress=Progress(config.name, console=console), timeout=seconds)
     _print_front(config, storage_url, console)
-    if result.interrupted:
-        console.print(f"interrupted at {result.completed}/{result.target} complete trials; resume with:")
-        console.print(f"  abopt {shlex.join(sys.argv[1:])}", soft_wrap=True, highlight=False)
-        sys.exit(INTERRUPTED)
+    again = f"  {shlex.join([command_hint('abopt'), *sys.argv[1:]])}"
+    stop = result.stopped
+    if stop is not None and stop.timed_out:
+        console.print(f"time budget of {timeout} used up at {result.completed}/{result.target} complete trials; continue with:")
+        console.print(again, soft_wrap=True, highlight=False)
+        sys.exit(stop.exit_code)
+    if stop is not None:
+        console.print(f"interrupted ({stop.reason}) at {result.completed}/{result.target} complete trials; resume with:")
+        console.print(again, soft_wrap=True, highlight=False)
+        sys.exit(stop.exit_code)
     if result.completed < result.target:
         console.print(f"stopped at {result.completed}/{result.target} complete trials (see the messages above)")
         sys.exit(1)
     console.print(f"done: {result.completed} complete trials")
+
+
+def command_hint(name: str) -> str:
+    """How to type ``name`` (abopt's own console scripts) in the user's shell: the bare name
+    when it is on PATH there, else its full path (e.g. a venv that is not activated)."""
+    installed = Path(sys.executable).parent / name
+    if not installed.exists():
+        return name
+    found = shutil.which(name)
+    return name if found is not None and Path(found).resolve() == installed.resolve() else str(installed)
 
 
 def _shown_url(url: str) -> str:
@@ -205,13 +246,16 @@ def show(args: tuple[str, ...], as_json: bool, storage: str | None) -> None:
 @cli.command()
 @click.argument("study_file", required=False, metavar="[STUDY.toml]")
 @click.option("--html", "html_file", required=True, type=click.Path(dir_okay=True, path_type=Path), metavar="FILE", help="The HTML file to write (self-contained, opens offline).")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists (never the study's own database or study file).")
 @_study_option
-def report(study_file: str | None, html_file: Path, storage: str | None) -> None:
+def report(study_file: str | None, html_file: Path, force: bool, storage: str | None) -> None:
     """Write the study as one HTML page: front, weight profiles, history, importances."""
     from optimizer.report_html import write_report
+    from optimizer.storage import sqlite_path
 
-    _, _, study = _open(study_file, storage)
-    size = write_report(study, html_file)
+    config, storage_url, study = _open(study_file, storage)
+    protected = [config.path, *filter(None, [sqlite_path(storage_url)])]
+    size = write_report(study, html_file, force=force, protected=protected)
     click.echo(f"wrote {html_file} ({size / 1e6:.1f} MB); open it in any browser, no network needed")
 
 
@@ -278,7 +322,7 @@ def export(args: tuple[str, ...], dtype: str | None, quantize: str, force: bool,
         f"({seconds['reference']:.1f} s loading and reference logits, {seconds['write']:.1f} s writing, "
         f"{seconds['verify']:.1f} s verifying)"
     )
-    click.echo(f"try it: mlx_lm.generate --model {shlex.quote(str(result.out_dir))} --prompt Hello")
+    click.echo(f"try it: {shlex.join([command_hint('mlx_lm.generate'), '--model', str(result.out_dir), '--prompt', 'Hello'])}")
 
 
 @cli.command()
@@ -353,6 +397,6 @@ def main() -> None:
     """Console-script entry point."""
     ensure_fast_blas()
     # A shell starts background jobs with SIGINT ignored, and Python keeps that; abopt
-    # always wants Ctrl-C (or kill -INT) to stop a run cleanly.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # always wants Ctrl-C (or kill -INT), SIGTERM and SIGHUP to stop a command cleanly.
+    handle_stop_signals()
     cli()

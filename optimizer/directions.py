@@ -14,7 +14,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -177,14 +177,18 @@ def cached_directions(
     *,
     system_prompt: str = "",
     batch_size: int = 32,
+    log: Callable[[str], None] = lambda _: None,
 ) -> tuple[Directions, bool]:
     """Directions from the study's cache, measured here only if no one has yet.
 
-    Returns them and whether this call measured them.
+    Returns them and whether this call measured them; ``log`` hears when measuring starts
+    and which worker this call waits for while another one measures.
     """
     key = fingerprint(loaded, harmful, harmless, system_prompt)
-    payload, measured = store.get_or_compute(
-        cache_key(key),
-        lambda: to_bytes(measure(loaded, harmful, harmless, system_prompt=system_prompt, batch_size=batch_size)),
-    )
+
+    def compute() -> bytes:
+        log(f"measuring refusal directions on {len(harmful)} harmful and {len(harmless)} harmless prompts")
+        return to_bytes(measure(loaded, harmful, harmless, system_prompt=system_prompt, batch_size=batch_size))
+
+    payload, measured = store.get_or_compute(cache_key(key), compute, on_wait=log)
     return from_bytes(payload, key), measured

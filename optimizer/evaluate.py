@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -167,16 +167,16 @@ class Evaluator:
         mx.eval(reference, mask)
         return inputs, mask, reference
 
-    def _kl_logits(self, inputs: list[list[int]]) -> list[tuple[list[int], mx.array]]:
-        """Each batch's rows and float32 logits at its last ``kl_tokens`` positions."""
+    def _kl_logits(self, inputs: list[list[int]]) -> Iterator[tuple[list[int], mx.array]]:
+        """Each batch's rows and float32 logits at its last ``kl_tokens`` positions, evaluated
+        batch by batch (so a stop request lands between two forward passes)."""
         k = self.settings.kl_tokens
-        out = []
         with last_positions_only(self.loaded.model, k):
             for rows in self._batches(inputs, cap_padding=True):
                 tokens, padding = pad_left([inputs[r] for r in rows], self.loaded.tokenizer.pad_token_id or 0)
-                logits = self.loaded.model(tokens, cache=batch_cache(self.loaded.model, padding))
-                out.append((rows, logits[:, -k:, :].astype(mx.float32)))
-        return out
+                logits = self.loaded.model(tokens, cache=batch_cache(self.loaded.model, padding))[:, -k:, :].astype(mx.float32)
+                mx.eval(logits)
+                yield rows, logits
 
     def kl_divergence(self) -> float:
         """Mean KL(original ‖ steered) of next-token distributions on the harmless prompts."""
@@ -190,6 +190,7 @@ class Evaluator:
             steered = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             kl = (mx.exp(reference) * (reference - steered)).sum(axis=-1)  # (B, k)
             per_prompt.append((kl * mask).sum(axis=-1) / mask.sum(axis=-1))
+            mx.eval(per_prompt[-1])  # frees this batch's logits before the next forward pass
         return float(mx.concatenate(per_prompt).mean().item())
 
     # -- refusals ------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""`abopt run`: one worker in this process, or several worker processes on one storage."""
+"""`abopt run`: one worker in this process, or several worker processes on one storage.
+
+A run ends when the study has its trials, or early: Ctrl-C, SIGTERM, SIGHUP or the time
+budget (see :mod:`optimizer.stopping`). Either way the running trial is failed and
+re-queued, never left RUNNING, and the same command resumes the study.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import optuna
 
 from optimizer.config import StudyConfig
+from optimizer.errors import UserError
 from optimizer.progress import Progress, snapshot
+from optimizer.stopping import EXIT_CODES, Stopped, cancel_timeout, watch_parent
+from optimizer.storage import beside_study
 from optimizer.study import (
     StudyPlan,
     completed_count,
+    load_study_model,
     make_storage,
     open_or_create,
     plan,
@@ -26,17 +35,18 @@ from optimizer.study import (
     start_worker,
 )
 
-INTERRUPTED = 130
+LOGS_SUFFIX = ".abopt-logs"
+WORKER_STOP_SECONDS = 60  # how long stopped workers get to fail their trials before a kill
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """How a run ended."""
+    """How a run ended: with its trials, or ``stopped`` early (and by what)."""
 
     plan: StudyPlan
     target: int
     completed: int
-    interrupted: bool
+    stopped: Stopped | None = None
 
 
 def keep_awake() -> subprocess.Popen | None:
@@ -46,107 +56,145 @@ def keep_awake() -> subprocess.Popen | None:
     return None
 
 
-def run_study(config: StudyConfig, storage_url: str, *, n_trials: int | None, workers: int, progress: Progress) -> RunResult:
-    """Create or resume the study and run it to ``n_trials`` complete trials."""
+def run_study(
+    config: StudyConfig,
+    storage_url: str,
+    *,
+    n_trials: int | None,
+    workers: int,
+    progress: Progress,
+    timeout: float | None = None,
+) -> RunResult:
+    """Create or resume the study and run it to ``n_trials`` complete trials.
+
+    The model is loaded (with several workers: built and checked without reading its
+    weights) before the study is created or touched, so a broken model leaves no study
+    behind that would refuse the repaired one. ``timeout`` is the time budget in seconds,
+    only passed on to worker processes (this process's own is armed by the caller).
+    """
     study_plan = plan(config, storage_url)
+    for note in study_plan.notes:
+        progress.log(note)
     target = n_trials or config.optimization.n_trials
+    if workers == 1:
+        progress.log(f"loading {config.model}")
+    loaded = load_study_model(study_plan, lazy=workers > 1)
     study = open_or_create(study_plan)
     keep_awake()
     progress.started_completed = completed_count(study)
-    if workers > 1:
-        interrupted = _run_processes(study_plan, target, workers, progress)
-    else:
-        interrupted = _run_here(study_plan, study, target, progress)
-    return RunResult(study_plan, target, completed_count(study), interrupted)
-
-
-def _run_here(study_plan: StudyPlan, study, target: int, progress: Progress) -> bool:
+    stopped = None
     try:
-        with progress:
-            worker = start_worker(study_plan, study, log=progress.log)
-            worker.on_trial = lambda s, _: progress.update(snapshot(s, target))
-            run_worker(worker, target)
-    except KeyboardInterrupt:
-        return True
-    return False
+        if workers > 1:
+            stopped = _run_processes(study_plan, target, workers, progress, timeout)
+        else:
+            with progress:
+                worker = start_worker(study_plan, study, log=progress.log, loaded=loaded)
+                worker.on_trial = lambda s, _: progress.update(snapshot(s, target))
+                run_worker(worker, target)
+    except Stopped as stop:
+        stopped = stop
+    finally:
+        cancel_timeout()
+    return RunResult(study_plan, target, completed_count(study), stopped)
 
 
-def run_as_worker(config: StudyConfig, storage_url: str, n_trials: int | None) -> bool:
-    """The body of one of several worker processes: plain log lines on stderr."""
-    study_plan = plan(config, storage_url)
-    target = n_trials or config.optimization.n_trials
-    study = open_or_create(study_plan)
+def run_as_worker(config: StudyConfig, storage_url: str, n_trials: int | None, number: int) -> int:
+    """The body of one of several worker processes (plain log lines on stderr); its exit code."""
+    watch_parent()
 
     def log(message: str) -> None:
-        print(f"[worker {os.getpid()}] {message}", file=sys.stderr, flush=True)
+        print(f"[worker {number}, pid {os.getpid()}] {message}", file=sys.stderr, flush=True)
 
     try:
+        study_plan = plan(config, storage_url)
+        target = n_trials or config.optimization.n_trials
+        study = open_or_create(study_plan)
         worker = start_worker(study_plan, study, log=log)
-        log(f"worker index {worker.index}, seed {config.optimization.seed + worker.index}")
+        log(f"sampler seed {config.optimization.seed + worker.index} (the study's worker #{worker.index}, counting every run)")
         run_worker(worker, target)
-    except KeyboardInterrupt:
-        return True
-    return False
+    except Stopped as stop:
+        log(f"stopped ({stop.reason})")
+        return stop.exit_code
+    finally:
+        cancel_timeout()
+    return 0
 
 
-def _worker_command(study_plan: StudyPlan, target: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "optimizer",
-        "run",
-        str(study_plan.config.path),
-        "--n-trials",
-        str(target),
-        "--storage",
-        study_plan.storage_url,
-        "--as-worker",
-    ]
+def _worker_command(study_plan: StudyPlan, target: int, number: int, deadline: float | None) -> list[str]:
+    command = [sys.executable, "-m", "optimizer", "run", str(study_plan.config.path), "--n-trials", str(target)]
+    command += ["--storage", study_plan.storage_url, "--as-worker", str(number)]
+    if deadline is not None:
+        command += ["--timeout", f"{max(deadline - time.time(), 0.001):.3f}s"]
+    return command
 
 
-def _run_processes(study_plan: StudyPlan, target: int, workers: int, progress: Progress) -> bool:
-    """Start ``workers`` processes on the study and show progress until all have stopped."""
+def _run_processes(study_plan: StudyPlan, target: int, workers: int, progress: Progress, timeout: float | None) -> Stopped | None:
+    """Run ``workers`` processes on the study, with progress, until all have stopped."""
+    config = study_plan.config
     env = dict(os.environ)
     # Each process gets its share of the cores rather than all of them each.
     env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    log_dir = Path(tempfile.mkdtemp(prefix="abopt-workers-"))
-    processes = []
-    for k in range(workers):
-        log = (log_dir / f"worker-{k}.log").open("w")
-        processes.append((subprocess.Popen(_worker_command(study_plan, target), env=env, stdout=log, stderr=log), log))
-    study = optuna.load_study(study_name=study_plan.config.name, storage=make_storage(study_plan.storage_url))
-    interrupted = False
-    seen = -1
+    log_dir = beside_study(study_plan.storage_url, config.base_dir, config.name, LOGS_SUFFIX)
+    log_dir.mkdir(exist_ok=True)
+    deadline = time.time() + timeout if timeout is not None else None
+    logs: list[IO[str]] = [(log_dir / f"worker-{k}.log").open("w") for k in range(workers)]
+    processes = [
+        subprocess.Popen(_worker_command(study_plan, target, k, deadline), env=env, stdout=log, stderr=log)
+        for k, log in enumerate(logs)
+    ]
+    study = optuna.load_study(study_name=config.name, storage=make_storage(study_plan.storage_url))
+    stopped = None
     with progress:
         progress.log(f"{workers} workers started; their logs: {log_dir}")
         try:
-            while any(p.poll() is None for p, _ in processes):
-                snap = snapshot(study, target)
-                if snap.completed != seen:
-                    seen = snap.completed
-                    progress.update(snap)
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            interrupted = True
-            for process, _ in processes:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGINT)
-            for process, _ in processes:
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-        snap = snapshot(study, target)
-        progress.update(snap)
-    failed = False
-    for k, (process, log) in enumerate(processes):
+            _follow(processes, study, target, progress)
+        except Stopped as stop:
+            stopped = stop
+            if not stop.timed_out:  # on a time budget the workers stop by their own clocks
+                for process in processes:
+                    if process.poll() is None:
+                        process.send_signal(signal.SIGTERM)
+            _wait_for(processes)
+        progress.update(snapshot(study, target))
+    for log in logs:
         log.close()
-        if process.returncode == INTERRUPTED:
-            interrupted = True
-        elif process.returncode != 0 and not interrupted:
-            failed = True
-            tail = (log_dir / f"worker-{k}.log").read_text().strip().splitlines()[-3:]
-            progress.log(f"worker {k} exited with code {process.returncode}: " + " | ".join(tail))
-    if not failed:
+    errors = _worker_failures(processes, log_dir, progress, stopped)
+    if not errors:
         shutil.rmtree(log_dir, ignore_errors=True)  # kept only when there is something to read
-    return interrupted
+    user_errors = [line.removeprefix("abopt: error: ") for line in errors if line.startswith("abopt: error: ")]
+    if user_errors:
+        raise UserError(user_errors[0])
+    return stopped
+
+
+def _follow(processes: list[subprocess.Popen], study: optuna.Study, target: int, progress: Progress) -> None:
+    seen = -1
+    while any(p.poll() is None for p in processes):
+        snap = snapshot(study, target)
+        if snap.completed != seen:
+            seen = snap.completed
+            progress.update(snap)
+        time.sleep(1.0)
+
+
+def _wait_for(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        try:
+            process.wait(timeout=WORKER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _worker_failures(processes: list[subprocess.Popen], log_dir: Path, progress: Progress, stopped: Stopped | None) -> list[str]:
+    """Report each worker that failed (not merely stopped) and return its last log line."""
+    failures = []
+    stop_codes = set(EXIT_CODES.values())
+    for k, process in enumerate(processes):
+        if process.returncode == 0 or (process.returncode in stop_codes and stopped is not None):
+            continue
+        log = log_dir / f"worker-{k}.log"
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        progress.log(f"worker {k} (pid {process.pid}) exited with code {process.returncode}: {' | '.join(tail)} (log: {log})")
+        failures.append(tail[-1] if tail else "")
+    return failures

@@ -19,7 +19,17 @@ from optimizer.patch import patch, set_private, unpatch
 
 
 def _steer_hook(module: Any, base_call: Any, *args: Any, **kwargs: Any) -> mx.array:
-    y = base_call(module, *args, **kwargs)
+    y = _steer(module, base_call(module, *args, **kwargs))
+    if y.ndim >= 3 and y.shape[-2] > 1:
+        # A pass over whole prompts (a KL pass, a prefill) on a large model runs for
+        # seconds: evaluating it projection by projection gives Ctrl-C and SIGTERM a point
+        # to land on every layer, at no cost on a CPU and a few syncs per pass on a GPU.
+        # Decode steps (one position) stay one graph each.
+        mx.eval(y)
+    return y
+
+
+def _steer(module: Any, y: mx.array) -> mx.array:
     scale = module._abopt_scale
     if scale == 0.0:
         return y

@@ -41,8 +41,8 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
-        database = Path(url.removeprefix("sqlite:///").split("?")[0])
-        if not database.parent.is_dir():
+        database = sqlite_path(url)
+        if database is not None and not database.parent.is_dir():
             raise UserError(f"storage {url}: directory {database.parent} does not exist; create it or change --storage")
     try:
         storage = serialized_setup(
@@ -60,6 +60,20 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
         raise UserError(f"cannot open storage {redact(url)}: {reason}") from None
     tune_sqlite(storage.engine)
     return storage
+
+
+def sqlite_path(storage_url: str) -> Path | None:
+    """The database file of a SQLite storage URL, None for other databases."""
+    url = sa.engine.make_url(storage_url)
+    return Path(url.database) if url.get_backend_name() == "sqlite" and url.database else None
+
+
+def beside_study(storage_url: str, study_dir: Path, study_name: str, suffix: str) -> Path:
+    """A path for the study's own files: beside its SQLite database, else beside its study file."""
+    database = sqlite_path(storage_url)
+    if database is not None:
+        return database.with_name(database.stem + suffix)
+    return study_dir / (study_name + suffix)
 
 
 def redact(url: str) -> str:
@@ -85,7 +99,7 @@ def open_study(name: str, storage_url: str, study_file: str = "STUDY.toml") -> o
     shown = url.render_as_string(hide_password=True)
     sqlite = url.get_backend_name() == "sqlite"
     missing = UserError(f"no study {name!r} in {shown}; start it with: abopt run {study_file}".rstrip())
-    if sqlite and not Path(url.database or "").is_file():
+    if sqlite and not (sqlite_path(storage_url) or Path("")).is_file():
         raise missing
     engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if sqlite else {"pool_pre_ping": True}
     try:
@@ -122,8 +136,10 @@ def complete_trial(study: optuna.Study, number: int) -> FrozenTrial:
     trials = study.get_trials(deepcopy=False)
     other = [t for t in trials if t.number == number]
     if other:
+        failure = other[0].user_attrs.get("failure")
+        why = f" ({failure})" if other[0].state == TrialState.FAIL and failure else ""
         raise UserError(
-            f"trial {number} of study {study.study_name!r} is {other[0].state.name}, not COMPLETE; "
+            f"trial {number} of study {study.study_name!r} is {other[0].state.name}{why}, not COMPLETE; "
             "pick a complete trial, e.g. one of `abopt front`"
         )
     raise UserError(

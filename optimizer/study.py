@@ -30,10 +30,12 @@ from optimizer.directions import Directions, cached_directions
 from optimizer.errors import UserError
 from optimizer.evaluate import EvalSettings, Evaluator
 from optimizer.markers import load_markers
-from optimizer.model import LoadedModel, load_model, model_identity, read_config, resolve_model_path
+from optimizer.fingerprint import model_identity, same_model
+from optimizer.model import LoadedModel, load_model, read_config, resolve_model_path
 from optimizer.params import AblationParams, suggest
 from optimizer.prompts import load_prompts, shared_prompts
 from optimizer.steering import Steering, install
+from optimizer.stopping import pid_alive, stop_reason
 from optimizer.storage import MAX_RETRIES, RetryDeadTrial, find_study, make_storage, redact
 
 METRIC_NAMES = ("kl_divergence", "refusal_rate")
@@ -67,6 +69,7 @@ class StudyPlan:
     prompts: PromptSets
     markers: tuple[str, ...]
     signature: dict[str, str] = field(repr=False)
+    notes: tuple[str, ...] = ()  # what a user should know at start (e.g. prompt sets cut short)
 
 
 def load_prompt_sets(config: StudyConfig) -> PromptSets:
@@ -86,6 +89,21 @@ def load_prompt_sets(config: StudyConfig) -> PromptSets:
                 f"(e.g. {overlap[0][:60]!r}); eval prompts must be disjoint from measure prompts"
             )
     return sets
+
+
+def short_prompt_sets(config: StudyConfig, prompts: PromptSets) -> tuple[str, ...]:
+    """One line per prompt set that has fewer prompts than the study file asks for."""
+    p = config.prompts
+    notes = []
+    for kind in ("harmful", "harmless"):
+        for split, wanted in (("measure", p.n_measure), ("eval", p.n_eval)):
+            got = len(getattr(prompts, f"{kind}_{split}"))
+            if got < wanted:
+                notes.append(
+                    f"note: {kind}_{split} ({getattr(p, f'{kind}_{split}')}) has {got} prompts, "
+                    f"fewer than n_{split} = {wanted}; using all {got}"
+                )
+    return tuple(notes)
 
 
 def _digest(value: Any) -> str:
@@ -111,7 +129,16 @@ def plan(config: StudyConfig, storage_url: str) -> StudyPlan:
         "search_space": config.search_space.fingerprint()[:16],
         "scoring": _digest([e.max_new_tokens, e.kl_tokens, list(markers), config.dtype]),
     }
-    return StudyPlan(config, storage_url, path, n_layers, prompts, markers, signature)
+    return StudyPlan(config, storage_url, path, n_layers, prompts, markers, signature, short_prompt_sets(config, prompts))
+
+
+_SIGNED = {
+    "model": "model",
+    "model_identity": "model weights",
+    "prompts": "prompt sets",
+    "search_space": "search space",
+    "scoring": "scoring settings (max_new_tokens, kl_tokens, markers, dtype)",
+}
 
 
 def check_signature(study: optuna.Study, plan: StudyPlan) -> None:
@@ -122,15 +149,8 @@ def check_signature(study: optuna.Study, plan: StudyPlan) -> None:
             f"study {study.study_name!r} in {redact(plan.storage_url)} was not created by abopt; "
             "pick another study name"
         )
-    what = {
-        "model": "model",
-        "model_identity": "model weights",
-        "prompts": "prompt sets",
-        "search_space": "search space",
-        "scoring": "scoring settings (max_new_tokens, kl_tokens, markers, dtype)",
-    }
-    for key, label in what.items():
-        if stored.get(key) != plan.signature[key]:
+    for key, label in _SIGNED.items():
+        if not _signature_matches(key, stored.get(key), plan):
             detail = f" ({stored.get(key)} then, {plan.signature[key]} now)" if key == "model" else ""
             raise UserError(
                 f"study {study.study_name!r} was created with different {label}{detail} than "
@@ -138,28 +158,52 @@ def check_signature(study: optuna.Study, plan: StudyPlan) -> None:
             )
 
 
-def open_or_create(plan: StudyPlan) -> optuna.Study:
-    """Resume the plan's study, after checking it matches, or create it."""
-    storage = make_storage(plan.storage_url)
-    study = find_study(storage, plan.config.name)
-    if study is not None:
-        check_signature(study, plan)
-        return study
-    study = optuna.create_study(
-        study_name=plan.config.name,
-        storage=storage,
-        directions=["minimize", "minimize"],
-        load_if_exists=True,  # another worker may have created it a moment ago
+def _signature_matches(key: str, stored: Any, plan: StudyPlan) -> bool:
+    if key == "model_identity" and isinstance(stored, str):
+        return same_model(stored, plan.model_path, plan.signature[key])
+    return stored == plan.signature[key]
+
+
+def never_started(study: optuna.Study) -> bool:
+    """No baseline measured and no trial that got anywhere: what a failed first run leaves.
+
+    Such a study holds nothing that depends on its settings, so a corrected study file
+    (a repaired model, say) may take it over instead of being refused.
+    """
+    return BASELINE_ATTR not in study.user_attrs and all(
+        t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False)
     )
-    if SIGNATURE_ATTR in study.user_attrs:
-        check_signature(study, plan)
-        return study
+
+
+def _sign(study: optuna.Study, plan: StudyPlan) -> None:
     study.set_metric_names(list(METRIC_NAMES))
     study.set_user_attr(SIGNATURE_ATTR, plan.signature)
     study.set_user_attr("study_file", str(plan.config.path))
     study.set_user_attr("model", plan.config.model)
     study.set_user_attr("n_layers", plan.n_layers)
     study.set_user_attr("abopt_version", __version__)
+
+
+def open_or_create(plan: StudyPlan) -> optuna.Study:
+    """Resume the plan's study, after checking it matches, or create it."""
+    storage = make_storage(plan.storage_url)
+    study = find_study(storage, plan.config.name)
+    if study is None:
+        study = optuna.create_study(
+            study_name=plan.config.name,
+            storage=storage,
+            directions=["minimize", "minimize"],
+            load_if_exists=True,  # another worker may have created it a moment ago
+        )
+        if SIGNATURE_ATTR not in study.user_attrs:
+            _sign(study, plan)
+            return study
+    try:
+        check_signature(study, plan)
+    except UserError:
+        if SIGNATURE_ATTR not in study.user_attrs or not never_started(study):
+            raise
+        _sign(study, plan)
     return study
 
 
@@ -256,16 +300,6 @@ def _record_sampler(storage_url: str, row_id: int, settings: dict[str, Any]) -> 
     engine.dispose()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover_dead_trials(study: optuna.Study) -> list[int]:
     """Fail and re-queue RUNNING trials whose worker process on this host is gone.
 
@@ -277,7 +311,7 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker", {})
-        if worker.get("host") != host or _pid_alive(int(worker.get("pid", 0))) or worker.get("pid") == os.getpid():
+        if worker.get("host") != host or pid_alive(int(worker.get("pid", 0))) or worker.get("pid") == os.getpid():
             continue
         try:
             study._storage.set_trial_user_attr(trial._trial_id, "failure", f"worker process {worker['pid']} died")
@@ -326,11 +360,20 @@ def baseline_of(evaluator: Evaluator, sample_count: int) -> dict[str, Any]:
     }
 
 
-def start_worker(plan: StudyPlan, study: optuna.Study, log: Callable[[str], None] = print) -> Worker:
-    """Load the model, get the directions (measuring only if nobody has) and the baseline."""
+def load_study_model(plan: StudyPlan, *, lazy: bool = False) -> LoadedModel:
+    """The study's model, as its study file says to load it."""
     config = plan.config
-    log(f"loading {config.model}")
-    loaded = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    return load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code, lazy=lazy)
+
+
+def start_worker(
+    plan: StudyPlan, study: optuna.Study, log: Callable[[str], None] = print, loaded: LoadedModel | None = None
+) -> Worker:
+    """Load the model (unless given), get the directions (measuring only if nobody has) and the baseline."""
+    config = plan.config
+    if loaded is None:
+        log(f"loading {config.model}")
+        loaded = load_study_model(plan)
     steering = install(loaded.targets)
     store = OnceStore(plan.storage_url)
     prompts = plan.prompts
@@ -341,6 +384,7 @@ def start_worker(plan: StudyPlan, study: optuna.Study, log: Callable[[str], None
         prompts.harmless_measure,
         system_prompt=config.prompts.system_prompt,
         batch_size=config.evaluation.batch_size or 32,
+        log=log,
     )
     log(
         f"directions {'measured' if measured else 'from the study cache'} "
@@ -358,6 +402,7 @@ def start_worker(plan: StudyPlan, study: optuna.Study, log: Callable[[str], None
     payload, _ = store.get_or_compute(
         "baseline:" + plan.signature["model_identity"] + plan.signature["prompts"] + plan.signature["scoring"],
         lambda: json.dumps(baseline_of(evaluator, e.sample_answers)).encode(),
+        on_wait=log,
     )
     store.close()
     baseline = json.loads(payload)
@@ -391,11 +436,22 @@ def _objective(worker: Worker, target: int) -> Callable[[optuna.Trial], tuple[fl
             raise _Skip(f"the study already has {len(earlier)} complete or running trials")
         try:
             return run_trial(worker, trial)
-        except KeyboardInterrupt:
-            trial.set_user_attr("failure", "interrupted (Ctrl-C)")
+        except KeyboardInterrupt as stop:
+            abandon(trial, f"interrupted ({stop_reason(stop)})")
             raise
 
     return objective
+
+
+def abandon(trial: optuna.Trial, reason: str) -> None:
+    """Record why a running trial stops unfinished and queue its parameters to run again.
+
+    Optuna then stores it as FAIL; the next worker to ask for a trial replays it.
+    """
+    study = trial.study
+    study._storage.set_trial_user_attr(trial._trial_id, "failure", reason)
+    # An interruption is not the trial's fault: no retry limit.
+    RetryDeadTrial(max_retry=None)(study, study._storage.get_trial(trial._trial_id))
 
 
 def run_trial(worker: Worker, trial: optuna.Trial) -> tuple[float, float]:

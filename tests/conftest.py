@@ -16,6 +16,15 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 POSTGRES_URL = os.environ.get("ABOPT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory) -> Path:
+    """abopt's per-user cache (remembered model fingerprints) in a temporary folder, for this
+    process and every abopt it starts."""
+    path = tmp_path_factory.mktemp("abopt-cache")
+    os.environ["ABOPT_CACHE_DIR"] = str(path)
+    return path
+
+
 def run_abopt(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `abopt` CLI in a subprocess (as a user would) and capture its output."""
     return subprocess.run(
@@ -24,6 +33,29 @@ def run_abopt(*args: str, cwd: Path | None = None, timeout: float = 600, env: di
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def study_dump(db: Path) -> str:
+    """A SQLite study's logical content (every table, WAL included), to compare before and after."""
+    import sqlite3
+
+    connection = sqlite3.connect(db)
+    try:
+        return "\n".join(connection.iterdump())
+    finally:
+        connection.close()
+
+
+def start_abopt(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start the real `abopt` CLI in the background, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "optimizer", *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, **(env or {})},
     )
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import run_abopt, write_study
+from conftest import run_abopt, start_abopt, study_dump, user_error, write_study
 from optimizer.config import load_study
 from optimizer.study import worker_records
 
@@ -75,16 +76,6 @@ def running_trial_has_params(db: Path) -> bool:
         return False
 
 
-def start(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "optimizer", *map(str, args)],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_run_records_everything_a_trial_needs(tmp_path, tiny_model_dir):
     study_file = write_study(tmp_path, tiny_model_dir, n_trials=4)
     result = run_abopt("run", study_file, cwd=tmp_path)
@@ -119,7 +110,7 @@ def test_running_again_after_completion_does_nothing(tmp_path, tiny_model_dir):
 def test_kill_9_mid_trial_then_resume_finishes_exactly_n(tmp_path, tiny_model_dir):
     study_file = write_study(tmp_path, tiny_model_dir, n_trials=8)
     db = tmp_path / "t.db"
-    process = start("run", study_file, cwd=tmp_path)
+    process = start_abopt("run", study_file, cwd=tmp_path)
     # Kill while a trial is running, after a couple have completed.
     wait_for(lambda: trial_states(db).count("COMPLETE") >= 2 and running_trial_has_params(db))
     process.kill()
@@ -147,7 +138,7 @@ def test_kill_9_mid_trial_then_resume_finishes_exactly_n(tmp_path, tiny_model_di
 def test_sigint_exits_130_with_resume_hint_and_resume_completes(tmp_path, tiny_model_dir):
     study_file = write_study(tmp_path, tiny_model_dir, n_trials=8)
     db = tmp_path / "t.db"
-    process = start("run", study_file, "--n-trials", "8", cwd=tmp_path)
+    process = start_abopt("run", study_file, "--n-trials", "8", cwd=tmp_path)
     wait_for(lambda: trial_states(db).count("COMPLETE") >= 1)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
@@ -194,7 +185,7 @@ def test_four_workers_on_postgresql(tmp_path, tiny_model_dir, postgres_url):
 
     study_file = write_study(tmp_path, tiny_model_dir, n_trials=12)
     # Four independent `abopt run` processes, as on four machines, joining one study.
-    processes = [start("run", study_file, "--storage", postgres_url, cwd=tmp_path) for _ in range(4)]
+    processes = [start_abopt("run", study_file, "--storage", postgres_url, cwd=tmp_path) for _ in range(4)]
     for process in processes:
         stdout, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stdout + stderr
@@ -308,14 +299,14 @@ def test_bad_input_is_one_clear_line_and_leaves_the_study_untouched(case, existi
     root = existing_study
     args, needle = _bad_input_cases(root, tiny_model_dir)[case]
     db = root / "t.db"
-    before = db.read_bytes()
+    before = study_dump(db)
     result = run_abopt(*args, cwd=root)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("abopt: error:"), result.stderr
     assert needle in lines[0], lines[0]
-    assert db.read_bytes() == before, "the study database changed"
+    assert study_dump(db) == before, "the study database changed"
 
 
 # -- the demo study on the model organism ------------------------------------------------------
@@ -336,3 +327,119 @@ def test_demo_study_finds_a_trial_that_stops_refusing_at_low_kl(demo_study, tmp_
     assert original["trial"] is None and original["refusal_rate"] >= 0.9
     assert states(study).get("COMPLETE") == load_study(study_file).optimization.n_trials
     assert any(t["refusal_rate"] <= 0.10 and t["kl_divergence"] <= 0.5 for t in front)
+
+
+# -- a broken model never creates or locks a study -------------------------------------------
+
+
+def truncate_weights(model: Path) -> None:
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def remove_weights(model: Path) -> None:
+    (model / "model.safetensors").unlink()
+
+
+def wrong_architecture(model: Path) -> None:
+    # mlx-lm has a mamba module, but a llama config lacks mamba's fields.
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"model_type": "mamba"}))
+
+
+@pytest.mark.parametrize(
+    "break_model, needle",
+    [
+        (truncate_weights, "incomplete or corrupt"),
+        (remove_weights, "No safetensors found"),
+        (wrong_architecture, "does not fit model_type 'mamba'"),
+    ],
+)
+def test_a_broken_model_is_one_line_and_the_repaired_one_runs(tmp_path, tiny_model_dir, break_model, needle):
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    study_file = write_study(tmp_path, model, n_trials=2)
+    break_model(model)
+    result = run_abopt("run", study_file, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("abopt: error:") and needle in lines[0], result.stderr
+    assert not (tmp_path / "t.db").exists(), "a study was created for a model that cannot load"
+    shutil.rmtree(model)
+    shutil.copytree(tiny_model_dir, model)
+    repaired = run_abopt("run", study_file, cwd=tmp_path)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "done: 2 complete trials" in repaired.stdout
+
+
+def test_a_study_left_by_a_failed_first_run_takes_the_corrected_model(tmp_path, tiny_model_dir):
+    """What older versions left behind: a study signed with a broken model, no trial, no baseline."""
+    from optimizer.study import SIGNATURE_ATTR, open_or_create, plan
+
+    study_file = write_study(tmp_path, tiny_model_dir, n_trials=2)
+    study_plan = plan(load_study(study_file), sqlite_url(tmp_path / "t.db"))
+    broken = dict(study_plan.signature, model_identity="sha256-all:0000000000000000")
+    open_or_create(study_plan).set_user_attr(SIGNATURE_ATTR, broken)
+    result = run_abopt("run", study_file, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert load(sqlite_url(tmp_path / "t.db")).user_attrs[SIGNATURE_ATTR] == study_plan.signature
+
+
+def test_a_study_with_trials_still_refuses_another_model(existing_study, tiny_model_dir):
+    from optimizer.study import open_or_create, plan
+
+    study_file = existing_study / "t.toml"
+    study_plan = plan(load_study(study_file), sqlite_url(existing_study / "t.db"))
+    changed = type(study_plan)(**{**study_plan.__dict__, "signature": dict(study_plan.signature, model_identity="sha256-all:1")})
+    assert "different model weights" in user_error(open_or_create, changed)
+
+
+# -- the first hour's smaller stings -----------------------------------------------------------
+
+
+def test_prompt_sets_shorter_than_asked_are_said_at_start(tmp_path, tiny_model_dir):
+    study_file = write_study(tmp_path, tiny_model_dir, n_trials=1, prompts={"n_measure": 16, "n_eval": 5000})
+    result = run_abopt("run", study_file, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 2, result.stdout
+    assert all("fewer than n_eval = 5000; using all" in note for note in notes)
+
+
+def test_show_chat_and_export_of_a_failed_trial_say_why_it_failed(existing_study, tmp_path):
+    root = Path(shutil.copytree(existing_study, tmp_path / "copy"))
+    study_file = root / "t.toml"
+    study = load(sqlite_url(root / "t.db"))
+    failed = study.ask()
+    failed.set_user_attr("failure", "worker process 4242 died")
+    study.tell(failed, state=TrialState.FAIL)
+    for args in (["show", study_file, failed.number], ["chat", study_file, failed.number, "--prompt", "hi"],
+                 ["export", study_file, failed.number, root / "out"]):
+        result = run_abopt(*args, cwd=root)
+        assert result.returncode == 2, result.stderr
+        assert f"trial {failed.number} of study 't' is FAIL (worker process 4242 died), not COMPLETE" in result.stderr
+
+
+def test_resume_hints_work_in_a_shell_without_the_venv(tmp_path, tiny_model_dir):
+    study_file = write_study(tmp_path, tiny_model_dir, n_trials=10_000)
+    venv_bin = Path(sys.executable).parent
+    bare_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != venv_bin)
+    result = run_abopt("run", study_file, "--timeout", "3s", cwd=tmp_path, env={"PATH": bare_path})
+    assert result.returncode == 0, result.stderr
+    assert f"  {venv_bin / 'abopt'} run {study_file} --timeout 3s" in result.stdout
+
+
+def test_no_study_file_in_a_checkout_means_its_demo_study(monkeypatch):
+    from optimizer.cli import _load
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    config, storage = _load(None, None)
+    assert config.path == root / "studies" / "demo.toml"
+    assert storage == f"sqlite:///{root / 'studies' / 'demo.db'}"
+
+
+def test_the_package_license_is_an_spdx_expression():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"
