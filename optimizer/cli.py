@@ -10,12 +10,12 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from optimizer import __version__
+from optimizer import DATA, __version__
+from optimizer.blas import ensure_fast_blas
 from optimizer.errors import UserError, disk_full_message
-from optimizer.runtime import ensure_fast_blas
-from optimizer.stopping import Stopped, handle_stop_signals
+from optimizer.study.stopping import Stopped, handle_stop_signals
 
-BUNDLED_DEMO = Path(__file__).parent / "data" / "studies" / "demo.toml"
+BUNDLED_DEMO = DATA / "studies" / "demo.toml"
 
 
 class _Group(click.Group):
@@ -60,7 +60,7 @@ def _load(study_file: str | None, storage: str | None):
     """The study config and its storage URL. No file means the bundled demo: in a checkout
     of abopt, the studies/demo.toml that ./scripts/demo runs (with its own studies/demo.db);
     anywhere else, stored in ./demo.db."""
-    from optimizer.config import load_study, storage_url_for
+    from optimizer.study.config import load_study, storage_url_for
 
     if study_file is None:
         checkout_demo = Path("studies") / "demo.toml"
@@ -86,18 +86,24 @@ def run(study_file: str | None, n_trials: int | None, workers: int, timeout: str
     Ctrl-C, SIGTERM, SIGHUP and --timeout stop within seconds: the running trial is failed
     and queued again, the front is printed, and the same command resumes.
     """
-    from optimizer.progress import Progress
-    from optimizer.run import run_as_worker, run_study
-    from optimizer.stopping import handle_stop_signals, parse_duration
+    from optimizer.browse.dashboard import trial_annotator
+    from optimizer.browse.progress import Progress
+    from optimizer.study.run import run_as_worker, run_study
+    from optimizer.study.stopping import parse_duration
 
     seconds = parse_duration(timeout) if timeout is not None else None
     handle_stop_signals(seconds)
     config, storage_url = _load(study_file, storage)
+    hooks = [trial_annotator(config, storage_url)]  # dashboard note and profile plot per trial
     if as_worker is not None:
-        sys.exit(run_as_worker(config, storage_url, n_trials, as_worker))
+        sys.exit(run_as_worker(config, storage_url, n_trials, as_worker, on_result=hooks))
     console = Console()
     console.print(f"study [bold]{config.name}[/] · model {config.model} · storage {_shown_url(storage_url)}")
-    result = run_study(config, storage_url, n_trials=n_trials, workers=workers, progress=Progress(config.name, console=console), timeout=seconds)
+    target = n_trials or config.optimization.n_trials
+    result = run_study(
+        config, storage_url, n_trials=n_trials, workers=workers, display=Progress(config.name, target, console=console),
+        timeout=seconds, on_result=hooks,
+    )
     _print_front(config, storage_url, console)
     again = f"  {shlex.join([command_hint('abopt'), *sys.argv[1:]])}"
     stop = result.stopped
@@ -132,10 +138,10 @@ def _shown_url(url: str) -> str:
 
 
 def _print_front(config, storage_url: str, console: Console) -> None:
-    from optimizer.report import front_table
-    from optimizer.study import completed_count, find_study, make_storage
+    from optimizer.browse.views import front_table
+    from optimizer.study.storage import completed_count, find_study
 
-    study = find_study(make_storage(storage_url), config.name)
+    study = find_study(storage_url, config.name)
     if study is not None and completed_count(study):
         (console if console.is_terminal else _wide_console()).print(front_table(study))
 
@@ -145,24 +151,15 @@ def _print_front(config, storage_url: str, console: Console) -> None:
 @_study_option
 def measure(study_file: str | None, storage: str | None) -> None:
     """Measure the refusal directions only (cached in the study's storage) and print them per layer."""
-    from optimizer.cache import OnceStore
-    from optimizer.directions import cached_directions
-    from optimizer.model import load_model
-    from optimizer.study import plan
+    from optimizer.browse.views import directions_table
+    from optimizer.study.plan import plan
+    from optimizer.study.steered import load_steered
 
     config, storage_url = _load(study_file, storage)
-    study_plan = plan(config, storage_url)
-    loaded = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
-    directions, measured = cached_directions(
-        OnceStore(storage_url),
-        loaded,
-        study_plan.prompts.harmful_measure,
-        study_plan.prompts.harmless_measure,
-        system_prompt=config.prompts.system_prompt,
-        batch_size=config.evaluation.batch_size or 32,
-    )
+    steered = load_steered(plan(config, storage_url))
+    loaded, directions = steered.loaded, steered.directions
     console = Console()
-    source = f"measured in {directions.seconds:.1f} s" if measured else "from the study's cache"
+    source = f"measured in {directions.seconds:.1f} s" if steered.measured else "from the study's cache"
     console.print(
         f"{loaded.model_type}, {loaded.n_layers} layers, hidden {loaded.hidden_size}: directions {source} "
         f"on {directions.n_harmful} harmful and {directions.n_harmless} harmless prompts"
@@ -170,31 +167,12 @@ def measure(study_file: str | None, storage: str | None) -> None:
     console.print(directions_table(directions))
 
 
-def directions_table(directions):
-    """Per-layer separation as a table with a bar."""
-    from rich.table import Table
-
-    table = Table(title="refusal direction per layer", title_justify="left")
-    for column in ("layer", "separation (d)", "‖mean gap‖", "cos(next)", ""):
-        table.add_column(column, justify="right" if column else "left")
-    top = float(directions.separation.max()) or 1.0
-    vectors = directions.vectors
-    for layer in range(directions.n_layers):
-        d = float(directions.separation[layer])
-        following = f"{float(vectors[layer] @ vectors[layer + 1]):.3f}" if layer + 1 < directions.n_layers else ""
-        bar = "█" * max(0, round(20 * d / top))
-        best = " ← best" if layer == directions.best_layer else ""
-        table.add_row(str(layer), f"{d:.2f}", f"{float(directions.mean_gap[layer]):.3f}", following, bar + best)
-    return table
-
-
-# --- browsing a study: front, show, report, dashboard (the work is in report.py,
-# report_html.py and dashboard.py) ------------------------------------------------------
+# --- browsing a study: front, show, report, dashboard (the work is in optimizer.browse) -------
 
 
 def _open(study_file: str | None, storage: str | None):
     """The config, storage URL and existing study of a study file (UserError if none)."""
-    from optimizer.storage import open_study
+    from optimizer.study.storage import open_study
 
     config, storage_url = _load(study_file, storage)
     return config, storage_url, open_study(config.name, storage_url, study_file or "")
@@ -214,7 +192,7 @@ def front(study_file: str | None, as_json: bool, storage: str | None) -> None:
     """The Pareto front: the trials worth choosing from, lowest refusal rate first."""
     import json
 
-    from optimizer.report import front_records, front_table
+    from optimizer.browse.views import front_records, front_table
 
     _, _, study = _open(study_file, storage)
     if as_json:
@@ -231,16 +209,17 @@ def show(args: tuple[str, ...], as_json: bool, storage: str | None) -> None:
     """Everything about one trial: scores, parameters, per-layer weights, timings, sample answers."""
     import json
 
-    from optimizer.report import trial_record, trial_view
-    from optimizer.storage import complete_trial
+    from optimizer.browse.views import trial_json, trial_view
+    from optimizer.study.record import read_trial
+    from optimizer.study.storage import complete_trial
 
     study_file, number, _ = _trial_args(args, "show [STUDY.toml] TRIAL")
     _, _, study = _open(study_file, storage)
-    trial = complete_trial(study, number)
+    record = read_trial(complete_trial(study, number))
     if as_json:
-        click.echo(json.dumps(trial_record(study, trial), indent=2))
+        click.echo(json.dumps(trial_json(study, record), indent=2))
     else:
-        Console().print(trial_view(study, trial))
+        Console().print(trial_view(study, record))
 
 
 @cli.command()
@@ -250,8 +229,8 @@ def show(args: tuple[str, ...], as_json: bool, storage: str | None) -> None:
 @_study_option
 def report(study_file: str | None, html_file: Path, force: bool, storage: str | None) -> None:
     """Write the study as one HTML page: front, weight profiles, history, importances."""
-    from optimizer.report_html import write_report
-    from optimizer.storage import sqlite_path
+    from optimizer.browse.report import write_report
+    from optimizer.study.storage import sqlite_path
 
     config, storage_url, study = _open(study_file, storage)
     protected = [config.path, *filter(None, [sqlite_path(storage_url)])]
@@ -265,7 +244,14 @@ def report(study_file: str | None, html_file: Path, force: bool, storage: str | 
 @_study_option
 def dashboard(study_file: str | None, port: int, storage: str | None) -> None:
     """Serve optuna-dashboard for the study on 127.0.0.1, with trial notes and profile plots."""
-    from optimizer.dashboard import annotate_study, artifact_dir, artifact_store, dashboard_server, serve, study_url
+    from optimizer.browse.dashboard import (
+        annotate_study,
+        artifact_dir,
+        artifact_store,
+        dashboard_server,
+        serve,
+        study_url,
+    )
 
     config, storage_url, study = _open(study_file, storage)
     store = artifact_store(artifact_dir(config, storage_url))
@@ -298,8 +284,9 @@ def _trial_args(args: tuple[str, ...], usage: str, extra: int = 0) -> tuple[str 
 @_study_option
 def export(args: tuple[str, ...], dtype: str | None, quantize: str, force: bool, storage: str | None) -> None:
     """Bake a trial's steering into the weights, verify the result, and write it to OUT_DIR."""
-    from optimizer.export import ExportOptions, export_trial
-    from optimizer.study import plan
+    from optimizer.export.edit import ExportOptions
+    from optimizer.export.publish import export_trial
+    from optimizer.study.plan import plan
 
     study_file, number, (out_dir,) = _trial_args(args, "export [STUDY.toml] TRIAL OUT_DIR", extra=1)
     config, storage_url, study = _open(study_file, storage)
@@ -332,16 +319,16 @@ def export(args: tuple[str, ...], dtype: str | None, quantize: str, force: bool,
 @_study_option
 def chat(args: tuple[str, ...], prompt: str | None, max_tokens: int, storage: str | None) -> None:
     """The original and the trial-steered model answer side by side (runtime steering, greedy)."""
-    from optimizer.chat import side_by_side
-    from optimizer.study import plan
-    from optimizer.trial_model import load_trial_model
+    from optimizer.browse.chat import exchange_table, side_by_side
+    from optimizer.study.plan import plan
+    from optimizer.study.steered import load_trial_model
 
     study_file, number, _ = _trial_args(args, "chat [STUDY.toml] TRIAL")
     config, storage_url, study = _open(study_file, storage)
     console = _wide_console()
     trial_model = load_trial_model(plan(config, storage_url), study, number)
     if prompt is not None:
-        console.print(_exchange_table(side_by_side(trial_model, prompt, max_tokens=max_tokens), number))
+        console.print(exchange_table(side_by_side(trial_model, prompt, max_tokens=max_tokens), number))
         return
     console.print(f"chatting with {config.model}, original vs trial {number}; an empty line or Ctrl-D ends")
     while True:
@@ -351,7 +338,7 @@ def chat(args: tuple[str, ...], prompt: str | None, max_tokens: int, storage: st
             break
         if not text.strip():
             break
-        console.print(_exchange_table(side_by_side(trial_model, text, max_tokens=max_tokens), number))
+        console.print(exchange_table(side_by_side(trial_model, text, max_tokens=max_tokens), number))
 
 
 @cli.command()
@@ -372,7 +359,7 @@ def bench(model: str, synthetic: str | None, quiet: bool, quantize: str, **setti
 
     The last line is floor_ratio=<x>: trial time divided by that floor.
     """
-    from optimizer.bench import format_report, run_benchmark
+    from optimizer.bench.benchmark import format_report, run_benchmark
 
     def log(line: str) -> None:
         if not quiet:
@@ -380,17 +367,6 @@ def bench(model: str, synthetic: str | None, quiet: bool, quantize: str, **setti
 
     result = run_benchmark(model, synthetic=synthetic, quantize=int(quantize), log=log, **settings)
     click.echo(format_report(result))
-
-
-def _exchange_table(exchange, number: int):
-    from rich.table import Table
-
-    table = Table(title=exchange.prompt, title_justify="left", show_lines=False, expand=True)
-    refuses = {True: " (refuses)", False: ""}
-    table.add_column(f"original{refuses[exchange.original_refuses]}", ratio=1)
-    table.add_column(f"trial {number}{refuses[exchange.steered_refuses]}", ratio=1)
-    table.add_row(exchange.original, exchange.steered)
-    return table
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from optimizer.runtime import ensure_fast_blas  # noqa: E402  (before mlx is imported)
+from optimizer.blas import ensure_fast_blas  # noqa: E402  (before mlx is imported)
 
 STUDY = """name = "bench"
 model = "{model}"
@@ -42,10 +42,11 @@ n_startup_trials = 2
 
 def child(study_file: str, out_dir: str, quantize: str) -> None:
     """Export the study's best trial in this process and print what it cost, as JSON."""
-    from optimizer.config import load_study
-    from optimizer.export import ExportOptions, export_trial
-    from optimizer.bench import max_rss
-    from optimizer.study import open_existing, plan
+    from optimizer.study.config import load_study
+    from optimizer.export.edit import ExportOptions
+    from optimizer.export.publish import export_trial
+    from optimizer.bench.benchmark import max_rss
+    from optimizer.study.plan import open_existing, plan
 
     config = load_study(study_file)
     study_plan = plan(config, config.storage_url)
@@ -92,9 +93,9 @@ def main(argv: list[str]) -> int:
     if not (args.model or args.synthetic):
         parser.error("one of --model or --synthetic is required")
 
-    from optimizer.bench import blas_in_use, synthetic_dir
-    from optimizer.export import checkpoint_tensors
-    from optimizer.model import resolve_model_path
+    from optimizer.bench.benchmark import blas_in_use, synthetic_dir
+    from optimizer.export.checkpoint import checkpoint_tensors
+    from optimizer.engine.model import resolve_model_path
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="abopt-bench-export-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def report(study: Path, storage: str, wall: float, workers: int) -> str:
     import optuna
     from optuna.trial import TrialState
 
-    from optimizer.config import load_study
+    from optimizer.study.config import load_study
 
     name = load_study(study).name
     trials = optuna.load_study(study_name=name, storage=storage).get_trials(states=(TrialState.COMPLETE,))

@@ -100,7 +100,7 @@ def _toml(value) -> str:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 6-layer random-weight llama with a tiny BPE tokenizer, saved for mlx_lm.load."""
-    from optimizer import synthetic
+    from optimizer.bench import synthetic
 
     root = tmp_path_factory.mktemp("tiny-model")
     synthetic.write_tiny_tokenizer(root / "tokenizer")
@@ -129,7 +129,7 @@ QUANTS = {"dense": None, "q4": ("affine", 4, 64), "mxfp4": ("mxfp4", 4, 32)}
 @pytest.fixture(scope="session")
 def saved_model(tmp_path_factory):
     """Factory: a saved random-weight model of ``arch`` (built once per session and settings)."""
-    from optimizer import synthetic
+    from optimizer.bench import synthetic
 
     root = tmp_path_factory.mktemp("saved_models")
     tokenizer = synthetic.write_tiny_tokenizer(root / "tokenizer")

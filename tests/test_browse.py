@@ -27,7 +27,7 @@ import optuna
 import pytest
 
 from conftest import run_abopt, study_dump, write_study
-from optimizer.report_html import FRONT_DIV, HISTORY_DIV, IMPORTANCE_DIV, PROFILES_DIV, hypervolume
+from optimizer.browse.report import FRONT_DIV, HISTORY_DIV, IMPORTANCE_DIV, PROFILES_DIV, hypervolume
 
 # Words found in some of the random model's answers and not in others: counted as
 # "refusals", they give this study a front of three trade-offs (12.5% to 37.5%). If the

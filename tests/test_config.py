@@ -8,14 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from optimizer.config import (
-    BUNDLED_SEARCH_SPACES_DIR,
-    StudyConfig,
-    bundled_search_spaces,
-    load_search_space,
-    load_study,
-    storage_url_for,
-)
+from optimizer.study.config import BUNDLED_SEARCH_SPACES_DIR, StudyConfig, bundled_search_spaces, load_search_space, load_study, storage_url_for
 from optimizer.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,23 +21,17 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.sample_utils import make_sampler
 
-from optimizer.bake import ablate_bias, ablate_matrix, bake_into, dequantized_weight
-from optimizer.cache import OnceStore
-from optimizer.directions import cache_key, cached_directions, directions_from_residuals, last_token_residuals, measure
-from optimizer.evaluate import EvalSettings, Evaluator, greedy_generate
-from optimizer.markers import find_refusal, load_markers
-from optimizer.model import (
-    capture_last_token,
-    chat_tokens,
-    final_norm,
-    forward,
-    load_model,
-    pad_left,
-)
-from optimizer.patch import patch, set_private, unpatch
-from optimizer.prompts import load_prompts
-from optimizer.steering import install
-from optimizer.synthetic import SYNTHETIC_ARCHS
+from optimizer.engine.bake import ablate_bias, ablate_matrix, bake_into, dequantized_weight
+from optimizer.study.storage import OnceStore
+from optimizer.engine.directions import directions_from_residuals, last_token_residuals, measure
+from optimizer.study.steered import cache_key, cached_directions
+from optimizer.engine.evaluate import EvalSettings, Evaluator, greedy_generate
+from optimizer.engine.markers import find_refusal, load_markers
+from optimizer.engine.model import capture_last_token, chat_tokens, final_norm, forward, load_model, pad_left
+from optimizer.engine.patch import patch, set_private, unpatch
+from optimizer.engine.prompts import load_prompts
+from optimizer.engine.steering import install
+from optimizer.bench.synthetic import SYNTHETIC_ARCHS
 
 ARCHS = sorted(SYNTHETIC_ARCHS)
 # (architecture, conftest.QUANTS name)
@@ -605,7 +599,7 @@ def test_organism_rarely_refuses_harmless_prompts(organism):
 def test_out_of_memory_halves_the_batch_and_retries(saved_model):
     """Metal/CUDA raise RuntimeError on a failed allocation (mlx on a CPU cannot recover
     from one): the evaluator halves its batch size and computes again, with the same result."""
-    from optimizer.evaluate import is_out_of_memory
+    from optimizer.engine.evaluate import is_out_of_memory
 
     loaded = load(saved_model("llama"))
     harmless = [f"how do I bake bread number {i}" for i in range(6)]

@@ -24,27 +24,19 @@ import optuna
 import pytest
 
 from conftest import run_abopt, write_study
-from optimizer.config import load_study
-from optimizer.evaluate import EvalSettings, Evaluator
-from optimizer.export import (
-    ExportOptions,
-    Reference,
-    VerificationFailed,
-    checkpoint_tensors,
-    edit_units,
-    export_tier,
-    export_trial,
-    read_header,
-    reference_logits,
-    verify,
-    write_model,
-)
+from optimizer.study.config import load_study
+from optimizer.engine.evaluate import EvalSettings, Evaluator
+from optimizer.export.edit import ExportOptions, export_tier
+from optimizer.export.verify import Reference, VerificationFailed, reference_logits, verify
+from optimizer.export.checkpoint import checkpoint_tensors, edit_units, read_header
+from optimizer.export.publish import export_trial
+from optimizer.export.write import write_model
 from optimizer.errors import UserError
-from optimizer.model import ORGANISM_PATH, load_model
-from optimizer.steering import install
-from optimizer.study import open_existing, plan
-from optimizer.synthetic import quantize_model, save_model_dir
-from optimizer.trial_model import load_trial_model
+from optimizer.engine.model import ORGANISM_PATH, load_model
+from optimizer.engine.steering import install
+from optimizer.study.plan import open_existing, plan
+from optimizer.bench.synthetic import quantize_model, save_model_dir
+from optimizer.study.steered import load_trial_model
 
 PROMPTS = [
     "Hi",
@@ -599,7 +591,7 @@ def test_organism_requantized_export_refuses_like_the_trial(organism_q4_study, t
 
 @pytest.mark.slow
 def test_organism_requantized_verification_fails_on_a_wrong_direction(organism_q4_study, tmp_path):
-    from optimizer.export import verification_prompts
+    from optimizer.export.verify import verification_prompts
 
     study_plan, study = open_study(organism_q4_study)
     trial_model = load_trial_model(study_plan, study, best_trial(study).number)
@@ -613,7 +605,7 @@ def test_organism_requantized_verification_fails_on_a_wrong_direction(organism_q
 
 @pytest.mark.slow
 def test_chat_on_the_demo_study_answers_what_the_original_refuses(demo_study, tmp_path):
-    from optimizer.chat import side_by_side
+    from optimizer.browse.chat import side_by_side
 
     study_file, storage = demo_study
     study_plan, study = open_study(demo_study)

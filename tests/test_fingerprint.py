@@ -10,13 +10,13 @@ import optuna
 import pytest
 
 from conftest import user_error, write_study
-from optimizer.cache import OnceStore
-from optimizer.config import load_study
-from optimizer.directions import cached_directions
-from optimizer.fingerprint import cache_dir, file_digest, legacy_model_identity, model_identity
-from optimizer.model import ORGANISM_PATH, load_model
-from optimizer.prompts import load_prompts
-from optimizer.study import SIGNATURE_ATTR, check_signature, plan
+from optimizer.study.storage import OnceStore
+from optimizer.study.config import load_study
+from optimizer.engine.fingerprint import cache_dir, file_digest, legacy_model_identity, model_identity
+from optimizer.engine.model import ORGANISM_PATH, load_model
+from optimizer.engine.prompts import load_prompts
+from optimizer.study.plan import SIGNATURE_ATTR, check_signature, plan
+from optimizer.study.steered import cached_directions
 
 HARMFUL = load_prompts("bundled:harmful:measure", limit=8)
 HARMLESS = load_prompts("bundled:harmless:measure", limit=8)

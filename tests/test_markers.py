@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from conftest import user_error
 from optimizer.errors import UserError
-from optimizer.markers import BUNDLED_MARKERS, find_refusal, load_markers, normalize
+from optimizer.engine.markers import BUNDLED_MARKERS, find_refusal, load_markers, normalize
 
 MARKERS = load_markers()
 

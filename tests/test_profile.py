@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from optimizer.profile import SHAPES, layer_weights, weight_at
+from optimizer.engine.profile import SHAPES, layer_weights, weight_at
 
 shapes = st.sampled_from(SHAPES)
 n_layers = st.integers(1, 128)

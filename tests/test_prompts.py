@@ -13,13 +13,7 @@ import pytest
 
 from conftest import user_error
 from optimizer.errors import UserError
-from optimizer.prompts import (
-    BUNDLED_DIR,
-    BundledPrompt,
-    bundled_prompts,
-    load_prompts,
-    shared_prompts,
-)
+from optimizer.engine.prompts import BUNDLED_DIR, BundledPrompt, bundled_prompts, load_prompts, shared_prompts
 
 HARMFUL_CATEGORIES = {
     "weapons", "explosives", "drugs", "cybercrime", "fraud", "theft", "violence", "harassment",

@@ -20,7 +20,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import run_abopt, start_abopt, write_study
-from optimizer.stopping import pid_alive
+from optimizer.study.stopping import pid_alive
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

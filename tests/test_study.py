@@ -16,8 +16,8 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import run_abopt, start_abopt, study_dump, user_error, write_study
-from optimizer.config import load_study
-from optimizer.study import worker_records
+from optimizer.study.config import load_study
+from optimizer.study.storage import worker_records
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -240,7 +240,7 @@ def _bad_input_cases(root: Path, model: Path) -> dict[str, tuple[list[str], str]
     (root / "bad-range.toml").write_text(default_space.replace("max_weight = [0.8, 1.5]", "max_weight = [1.5, 0.8]", 1))
     other = root / "other-model"
     if not other.exists():
-        from optimizer import synthetic
+        from optimizer.bench import synthetic
 
         config = synthetic.synthetic_config("llama", vocab_size=512, num_hidden_layers=6)
         synthetic.save_model_dir(synthetic.build_model(config, seed=1), config, other, tokenizer_dir=model)
@@ -373,7 +373,7 @@ def test_a_broken_model_is_one_line_and_the_repaired_one_runs(tmp_path, tiny_mod
 
 def test_a_study_left_by_a_failed_first_run_takes_the_corrected_model(tmp_path, tiny_model_dir):
     """What older versions left behind: a study signed with a broken model, no trial, no baseline."""
-    from optimizer.study import SIGNATURE_ATTR, open_or_create, plan
+    from optimizer.study.plan import SIGNATURE_ATTR, open_or_create, plan
 
     study_file = write_study(tmp_path, tiny_model_dir, n_trials=2)
     study_plan = plan(load_study(study_file), sqlite_url(tmp_path / "t.db"))
@@ -385,7 +385,7 @@ def test_a_study_left_by_a_failed_first_run_takes_the_corrected_model(tmp_path, 
 
 
 def test_a_study_with_trials_still_refuses_another_model(existing_study, tiny_model_dir):
-    from optimizer.study import open_or_create, plan
+    from optimizer.study.plan import open_or_create, plan
 
     study_file = existing_study / "t.toml"
     study_plan = plan(load_study(study_file), sqlite_url(existing_study / "t.db"))

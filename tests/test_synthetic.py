@@ -8,19 +8,7 @@ import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
 
-from optimizer.synthetic import (
-    MOE_ARCHS,
-    SYNTHETIC_ARCHS,
-    build_model,
-    config_for_size,
-    config_for_spec,
-    count_parameters,
-    parse_size,
-    quantize_model,
-    save_model_dir,
-    synthetic_config,
-    write_tiny_tokenizer,
-)
+from optimizer.bench.synthetic import MOE_ARCHS, SYNTHETIC_ARCHS, build_model, config_for_size, config_for_spec, count_parameters, parse_size, quantize_model, save_model_dir, synthetic_config, write_tiny_tokenizer
 
 ARCHS = sorted(SYNTHETIC_ARCHS)
 # Two 24-token rows, longer than gemma3's 8-token sliding window.

@@ -16,23 +16,21 @@ from typing import Any, Sequence
 
 import optuna
 import plotly.graph_objects as go
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from optimizer.errors import UserError
-from optimizer.files import write_atomic
-from optimizer.front import baseline, quality
-from optimizer.report import (
+from optimizer.browse.front import counts, percent, quality
+from optimizer.browse.views import (
     PROFILE_LEGEND,
     component_text,
-    counts,
     direction_text,
-    front_trials,
-    is_feasible,
-    percent,
+    front_of,
 )
-from optimizer.storage import require_complete
+from optimizer.errors import UserError
+from optimizer.files import write_atomic
+from optimizer.study.record import Baseline, TrialRecord, read_baseline, read_trial
+from optimizer.study.storage import require_complete
 
 FRONT_DIV = "front-plot"
 PROFILES_DIV = "profiles-plot"
@@ -46,21 +44,19 @@ PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
 
 
-def hover_text(trial: FrozenTrial) -> str:
+def hover_text(r: TrialRecord) -> str:
     """Trial number, scores and parameters, as the front plot's hover label shows them."""
-    kl, rate = trial.values
-    attrs = trial.user_attrs
     lines = [
-        f"<b>trial #{trial.number}</b> ({quality(kl, rate)})",
-        f"refusals {percent(rate)}{counts(attrs.get('refused'), attrs.get('total'))}",
-        f"KL {kl:.4f}",
+        f"<b>trial #{r.number}</b> ({quality(r.kl_divergence, r.refusal_rate)})",
+        f"refusals {percent(r.refusal_rate)}{counts(r.refused, r.total)}",
+        f"KL {r.kl_divergence:.4f}",
     ]
-    if not is_feasible(trial):
-        lines.append("infeasible: " + html.escape(attrs.get("refusal_stage") or "above the KL ceiling"))
-    ablation = attrs.get("ablation")
-    if ablation:
-        lines.append(f"direction: {direction_text(ablation)} · {ablation['shape']}")
-        lines += [f"{name}: {component_text(p)}" for name, p in ablation["components"].items()]
+    if not r.constraint_ok:
+        stage = r.result.refusal_stage if r.result else None
+        lines.append("infeasible: " + html.escape(stage or "above the KL ceiling"))
+    if r.ablation:
+        lines.append(f"direction: {direction_text(r.ablation)} · {r.ablation.shape}")
+        lines += [f"{name}: {component_text(p)}" for name, p in r.ablation.components.items()]
     return "<br>".join(lines)
 
 
@@ -74,18 +70,19 @@ def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float
     return area
 
 
-def hypervolume_reference(trials: list[FrozenTrial]) -> tuple[float, float]:
+def hypervolume_reference(trials: list[TrialRecord]) -> tuple[float, float]:
     """(10% above the largest feasible KL, refusal rate 1): every feasible trial counts."""
-    largest = max((t.values[0] for t in trials if is_feasible(t)), default=0.0)
+    largest = max((t.kl_divergence for t in trials if t.constraint_ok), default=0.0)
     return (largest * 1.1 if largest > 0 else 1.0, 1.0)
 
 
-def hypervolume_history(trials: list[FrozenTrial], reference: tuple[float, float]) -> list[tuple[int, float]]:
+def hypervolume_history(trials: list[TrialRecord], reference: tuple[float, float]) -> list[tuple[int, float]]:
     """(trial number, hypervolume of the feasible trials up to it), in trial order."""
-    history, points = [], []
+    history: list[tuple[int, float]] = []
+    points: list[tuple[float, float]] = []
     for trial in sorted(trials, key=lambda t: t.number):
-        if is_feasible(trial):
-            points.append(tuple(trial.values))
+        if trial.constraint_ok:
+            points.append((trial.kl_divergence, trial.refusal_rate))
         history.append((trial.number, hypervolume(points, reference)))
     return history
 
@@ -93,22 +90,22 @@ def hypervolume_history(trials: list[FrozenTrial], reference: tuple[float, float
 # --- figures ---------------------------------------------------------------------------------
 
 
-def _colors(front: list[FrozenTrial]) -> dict[int, str]:
+def _colors(front: list[TrialRecord]) -> dict[int, str]:
     return {t.number: PALETTE[i % len(PALETTE)] for i, t in enumerate(front)}
 
 
-def front_figure(trials: list[FrozenTrial], front: list[FrozenTrial], base: dict[str, Any] | None) -> go.Figure:
+def front_figure(trials: list[TrialRecord], front: list[TrialRecord], base: Baseline | None) -> go.Figure:
     """Every complete trial in the objective plane; the front drawn as its staircase."""
     numbers = {t.number for t in front}
-    others = [t for t in trials if t.number not in numbers and is_feasible(t)]
-    infeasible = [t for t in trials if not is_feasible(t)]
-    by_kl = sorted(front, key=lambda t: t.values[0])
+    others = [t for t in trials if t.number not in numbers and t.constraint_ok]
+    infeasible = [t for t in trials if not t.constraint_ok]
+    by_kl = sorted(front, key=lambda t: t.kl_divergence)
     figure = go.Figure()
 
-    def points(group: list[FrozenTrial], name: str, **style: Any) -> go.Scatter:
+    def points(group: list[TrialRecord], name: str, **style: Any) -> go.Scatter:
         return go.Scatter(
-            x=[t.values[0] for t in group],
-            y=[100 * t.values[1] for t in group],
+            x=[t.kl_divergence for t in group],
+            y=[100 * t.refusal_rate for t in group],
             text=[hover_text(t) for t in group],
             hovertemplate="%{text}<extra></extra>",
             name=name,
@@ -134,12 +131,12 @@ def front_figure(trials: list[FrozenTrial], front: list[FrozenTrial], base: dict
         figure.add_trace(
             go.Scatter(
                 x=[0.0],
-                y=[100 * base["refusal_rate"]],
+                y=[100 * base.refusal_rate],
                 mode="markers",
                 name="original model",
                 marker={"symbol": "star", "size": 14, "color": "black"},
-                hovertemplate=f"<b>original model</b><br>refusals {percent(base['refusal_rate'])}"
-                f"{counts(base.get('refused'), base.get('total'))}<br>KL 0<extra></extra>",
+                hovertemplate=f"<b>original model</b><br>refusals {percent(base.refusal_rate)}"
+                f"{counts(base.refused, base.total)}<br>KL 0<extra></extra>",
             )
         )
     figure.update_layout(
@@ -153,9 +150,9 @@ def front_figure(trials: list[FrozenTrial], front: list[FrozenTrial], base: dict
     return figure
 
 
-def profiles_figure(front: list[FrozenTrial]) -> go.Figure:
+def profiles_figure(front: list[TrialRecord]) -> go.Figure:
     """Per-layer weights of each front trial, one panel per component."""
-    names = [n for n in ("attn", "mlp") if any(n in (t.user_attrs.get("layer_weights") or {}) for t in front)] or ["attn"]
+    names = [n for n in ("attn", "mlp") if any(n in t.layer_weights for t in front)] or ["attn"]
     figure = make_subplots(
         rows=1,
         cols=len(names),
@@ -164,15 +161,15 @@ def profiles_figure(front: list[FrozenTrial]) -> go.Figure:
     )
     colors = _colors(front)
     for trial in front:
-        weights = trial.user_attrs.get("layer_weights") or {}
-        kl, rate = trial.values
+        weights = trial.layer_weights
+        kl, rate = trial.kl_divergence, trial.refusal_rate
         for col, name in enumerate(names, start=1):
             if name not in weights:
                 continue
             figure.add_trace(
                 go.Scatter(
                     x=list(range(len(weights[name]))),
-                    y=weights[name],
+                    y=list(weights[name]),
                     mode="lines+markers",
                     name=f"#{trial.number}: {percent(rate)}, KL {kl:.3f}",
                     legendgroup=str(trial.number),
@@ -183,14 +180,14 @@ def profiles_figure(front: list[FrozenTrial]) -> go.Figure:
                 row=1,
                 col=col,
             )
-    n_layers = max((len(w) for t in front for w in (t.user_attrs.get("layer_weights") or {}).values()), default=1)
+    n_layers = max((len(w) for t in front for w in t.layer_weights.values()), default=1)
     figure.update_xaxes(title_text="layer", dtick=max(1, n_layers // 16))
     figure.update_yaxes(title_text="ablation weight", row=1, col=1)
     figure.update_layout(title="Weight profiles of the front's trials (legend: click to hide a trial)", height=440)
     return figure
 
 
-def history_figure(trials: list[FrozenTrial], front: list[FrozenTrial], reference: tuple[float, float]) -> go.Figure:
+def history_figure(trials: list[TrialRecord], front: list[TrialRecord], reference: tuple[float, float]) -> go.Figure:
     """Both objectives per trial, and the hypervolume of the front so far."""
     figure = make_subplots(
         rows=3,
@@ -212,7 +209,7 @@ def history_figure(trials: list[FrozenTrial], front: list[FrozenTrial], referenc
             figure.add_trace(
                 go.Scatter(
                     x=[t.number for t in group],
-                    y=[scale * t.values[index] for t in group],
+                    y=[scale * (t.kl_divergence, t.refusal_rate)[index] for t in group],
                     mode="markers",
                     name=name,
                     legendgroup=name,
@@ -242,9 +239,10 @@ def history_figure(trials: list[FrozenTrial], front: list[FrozenTrial], referenc
     return figure
 
 
-def importances(trials: list[FrozenTrial], study: optuna.Study) -> dict[str, dict[str, float]]:
+def importances(study: optuna.Study) -> dict[str, dict[str, float]]:
     """PED-ANOVA importance of each parameter for each objective, over the feasible trials."""
-    feasible = [t for t in trials if is_feasible(t)]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    feasible = [t for t in complete if read_trial(t).constraint_ok]
     if len(feasible) < MIN_TRIALS_FOR_IMPORTANCE:
         return {}
     scratch = optuna.create_study(directions=study.directions)
@@ -317,7 +315,7 @@ tr.baseline td { color: #666; font-style: italic; }
 """
 
 
-def front_html_table(front: list[FrozenTrial], base: dict[str, Any] | None) -> str:
+def front_html_table(front: list[TrialRecord], base: Baseline | None) -> str:
     """The front as an HTML table, the original model first."""
     head = "".join(
         f'<th class="{"l" if c in ("quality", "direction", "attn", "mlp") else ""}">{c}</th>'
@@ -326,22 +324,17 @@ def front_html_table(front: list[FrozenTrial], base: dict[str, Any] | None) -> s
     rows = []
     if base:
         rows.append(
-            f'<tr class="baseline"><td>original</td><td>{percent(base["refusal_rate"])}'
-            f'{counts(base.get("refused"), base.get("total"))}</td><td>0</td>'
-            f'<td class="l">{quality(0.0, base["refusal_rate"])}</td><td class="l">untouched model</td><td></td><td></td></tr>'
+            f'<tr class="baseline"><td>original</td><td>{percent(base.refusal_rate)}'
+            f'{counts(base.refused, base.total)}</td><td>0</td>'
+            f'<td class="l">{quality(0.0, base.refusal_rate)}</td><td class="l">untouched model</td><td></td><td></td></tr>'
         )
     for t in front:
-        kl, rate = t.values
-        a = t.user_attrs.get("ablation") or {}
-        comps = a.get("components", {})
-        cells = [
-            f"#{t.number}",
-            percent(rate) + counts(t.user_attrs.get("refused"), t.user_attrs.get("total")),
-            f"{kl:.4f}",
-        ]
+        kl, rate = t.kl_divergence, t.refusal_rate
+        comps = t.ablation.components if t.ablation else {}
+        cells = [f"#{t.number}", percent(rate) + counts(t.refused, t.total), f"{kl:.4f}"]
         left = [
             quality(kl, rate),
-            direction_text(a) if a else "",
+            direction_text(t.ablation) if t.ablation else "",
             component_text(comps["attn"]) if "attn" in comps else "off",
             component_text(comps["mlp"]) if "mlp" in comps else "off",
         ]
@@ -357,9 +350,9 @@ def _div(figure: go.Figure, div_id: str) -> str:
 
 def report_html(study: optuna.Study) -> str:
     """The whole report page as one string."""
-    trials = require_complete(study)
-    front = front_trials(study)
-    base = baseline(study)
+    trials = [read_trial(t) for t in require_complete(study)]
+    front = front_of(study)
+    base = read_baseline(study)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     reference = hypervolume_reference(trials)
     model = study.user_attrs.get("model", "?")
@@ -373,7 +366,7 @@ def report_html(study: optuna.Study) -> str:
         _div(front_figure(trials, front, base), FRONT_DIV),
         _div(profiles_figure(front), PROFILES_DIV),
         _div(history_figure(trials, front, reference), HISTORY_DIV),
-        _div(importance_figure(importances(trials, study), len(trials)), IMPORTANCE_DIV),
+        _div(importance_figure(importances(study), len(trials)), IMPORTANCE_DIV),
     ]
     plots = "\n".join(f'<div class="plot">{f}</div>' for f in figures)
     title = html.escape(f"abopt study {study.study_name}")

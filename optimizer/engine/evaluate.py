@@ -15,8 +15,14 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import mlx.core as mx
 import numpy as np
 
-from optimizer.markers import find_refusal
-from optimizer.model import LoadedModel, batch_cache, chat_tokens, last_positions_only, pad_left
+from optimizer.engine.markers import find_refusal
+from optimizer.engine.model import (
+    LoadedModel,
+    batch_cache,
+    chat_tokens,
+    last_positions_only,
+    pad_left,
+)
 
 MAX_AUTO_BATCH = 64
 T = TypeVar("T")
@@ -232,6 +238,21 @@ class Evaluator:
             for row, output in zip(rows, outputs):
                 answers[row] = output
         return answers
+
+    @property
+    def kl_inputs(self) -> list[list[int]]:
+        """The token rows of the KL pass (prompts, plus the teacher-forced answer when kl_tokens > 1)."""
+        return self._kl_inputs
+
+    def kl_batches(self) -> list[tuple[mx.array, list[int]]]:
+        """The KL pass's padded batches and their left padding, as a trial runs them."""
+        pad_id = self.loaded.tokenizer.pad_token_id or 0
+        return [pad_left([self._kl_inputs[r] for r in rows], pad_id) for rows in self._batches(self._kl_inputs, cap_padding=True)]
+
+    def generation_batches(self) -> list[tuple[mx.array, list[int]]]:
+        """The refusal stage's padded prompt batches and their left padding, as a trial runs them."""
+        pad_id = self.loaded.tokenizer.pad_token_id or 0
+        return [pad_left([self.harmful_tokens[r] for r in rows], pad_id) for rows in self._batches(self.harmful_tokens)]
 
     def _batches(self, sequences: Sequence[Sequence[int]], *, cap_padding: bool = False) -> list[list[int]]:
         """Row indices in batches of similar length (sorted), at most ``batch_size`` rows each.

@@ -25,9 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from optimizer import DATA
 from optimizer.errors import UserError
 
-BUNDLED_DIR = Path(__file__).parent / "data" / "prompts"
+BUNDLED_DIR = DATA / "prompts"
 BUNDLED_SETS = ("harmful", "harmless")
 SPLITS = ("measure", "eval")
 HF_COLUMNS = ("prompt", "text", "instruction")

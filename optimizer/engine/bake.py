@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from optimizer.model import LoadedModel, Target
+from optimizer.engine.model import LoadedModel, Target
 
 QUANTIZED_TYPES = (nn.QuantizedLinear, QuantizedSwitchLinear)
 

@@ -15,25 +15,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Protocol, Sequence
 
 import optuna
 
-from optimizer.config import StudyConfig
 from optimizer.errors import UserError
-from optimizer.progress import Progress, snapshot
-from optimizer.stopping import EXIT_CODES, Stopped, cancel_timeout, watch_parent
-from optimizer.storage import beside_study
-from optimizer.study import (
-    StudyPlan,
-    completed_count,
-    load_study_model,
-    make_storage,
-    open_or_create,
-    plan,
-    run_worker,
-    start_worker,
-)
+from optimizer.study.config import StudyConfig
+from optimizer.study.plan import StudyPlan, open_or_create, plan
+from optimizer.study.steered import load_study_model
+from optimizer.study.stopping import EXIT_CODES, Stopped, cancel_timeout, watch_parent
+from optimizer.study.storage import beside_study, completed_count, find_study
+from optimizer.study.worker import ResultHook, run_worker, start_worker
 
 LOGS_SUFFIX = ".abopt-logs"
 WORKER_STOP_SECONDS = 60  # how long stopped workers get to fail their trials before a kill
@@ -49,6 +41,23 @@ class RunResult:
     stopped: Stopped | None = None
 
 
+class RunDisplay(Protocol):
+    """What a run shows while it works; the command that starts the run supplies it."""
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def log(self, message: str) -> None:
+        """A line of news (a model loading, directions measured, a worker failing)."""
+
+    def begin(self, study: optuna.Study) -> None:
+        """The study as the run starts on it."""
+
+    def show(self, study: optuna.Study) -> None:
+        """The study after a trial ended."""
+
+
 def keep_awake() -> subprocess.Popen | None:
     """On macOS, stop the machine sleeping while this process lives (studies run for hours)."""
     if sys.platform == "darwin" and shutil.which("caffeinate"):
@@ -62,8 +71,9 @@ def run_study(
     *,
     n_trials: int | None,
     workers: int,
-    progress: Progress,
+    display: RunDisplay,
     timeout: float | None = None,
+    on_result: Sequence[ResultHook] = (),
 ) -> RunResult:
     """Create or resume the study and run it to ``n_trials`` complete trials.
 
@@ -71,25 +81,28 @@ def run_study(
     weights) before the study is created or touched, so a broken model leaves no study
     behind that would refuse the repaired one. ``timeout`` is the time budget in seconds,
     only passed on to worker processes (this process's own is armed by the caller).
+    ``on_result`` hooks see each scored trial while it runs (worker processes get the
+    command's own hooks, as they run the same command).
     """
     study_plan = plan(config, storage_url)
     for note in study_plan.notes:
-        progress.log(note)
+        display.log(note)
     target = n_trials or config.optimization.n_trials
     if workers == 1:
-        progress.log(f"loading {config.model}")
+        display.log(f"loading {config.model}")
     loaded = load_study_model(study_plan, lazy=workers > 1)
     study = open_or_create(study_plan)
     keep_awake()
-    progress.started_completed = completed_count(study)
+    display.begin(study)
     stopped = None
     try:
         if workers > 1:
-            stopped = _run_processes(study_plan, target, workers, progress, timeout)
+            stopped = _run_processes(study_plan, target, workers, display, timeout)
         else:
-            with progress:
-                worker = start_worker(study_plan, study, log=progress.log, loaded=loaded)
-                worker.on_trial = lambda s, _: progress.update(snapshot(s, target))
+            with display:
+                worker = start_worker(study_plan, study, log=display.log, loaded=loaded)
+                worker.on_result.extend(on_result)
+                worker.on_trial.append(display.show)
                 run_worker(worker, target)
     except Stopped as stop:
         stopped = stop
@@ -98,7 +111,9 @@ def run_study(
     return RunResult(study_plan, target, completed_count(study), stopped)
 
 
-def run_as_worker(config: StudyConfig, storage_url: str, n_trials: int | None, number: int) -> int:
+def run_as_worker(
+    config: StudyConfig, storage_url: str, n_trials: int | None, number: int, on_result: Sequence[ResultHook] = ()
+) -> int:
     """The body of one of several worker processes (plain log lines on stderr); its exit code."""
     watch_parent()
 
@@ -110,6 +125,7 @@ def run_as_worker(config: StudyConfig, storage_url: str, n_trials: int | None, n
         target = n_trials or config.optimization.n_trials
         study = open_or_create(study_plan)
         worker = start_worker(study_plan, study, log=log)
+        worker.on_result.extend(on_result)
         log(f"sampler seed {config.optimization.seed + worker.index} (the study's worker #{worker.index}, counting every run)")
         run_worker(worker, target)
     except Stopped as stop:
@@ -128,7 +144,7 @@ def _worker_command(study_plan: StudyPlan, target: int, number: int, deadline: f
     return command
 
 
-def _run_processes(study_plan: StudyPlan, target: int, workers: int, progress: Progress, timeout: float | None) -> Stopped | None:
+def _run_processes(study_plan: StudyPlan, target: int, workers: int, display: RunDisplay, timeout: float | None) -> Stopped | None:
     """Run ``workers`` processes on the study, with progress, until all have stopped."""
     config = study_plan.config
     env = dict(os.environ)
@@ -142,12 +158,12 @@ def _run_processes(study_plan: StudyPlan, target: int, workers: int, progress: P
         subprocess.Popen(_worker_command(study_plan, target, k, deadline), env=env, stdout=log, stderr=log)
         for k, log in enumerate(logs)
     ]
-    study = optuna.load_study(study_name=config.name, storage=make_storage(study_plan.storage_url))
+    study = find_study(study_plan.storage_url, config.name)
     stopped = None
-    with progress:
-        progress.log(f"{workers} workers started; their logs: {log_dir}")
+    with display:
+        display.log(f"{workers} workers started; their logs: {log_dir}")
         try:
-            _follow(processes, study, target, progress)
+            _follow(processes, study, display)
         except Stopped as stop:
             stopped = stop
             if not stop.timed_out:  # on a time budget the workers stop by their own clocks
@@ -155,10 +171,10 @@ def _run_processes(study_plan: StudyPlan, target: int, workers: int, progress: P
                     if process.poll() is None:
                         process.send_signal(signal.SIGTERM)
             _wait_for(processes)
-        progress.update(snapshot(study, target))
+        display.show(study)
     for log in logs:
         log.close()
-    errors = _worker_failures(processes, log_dir, progress, stopped)
+    errors = _worker_failures(processes, log_dir, display, stopped)
     if not errors:
         shutil.rmtree(log_dir, ignore_errors=True)  # kept only when there is something to read
     user_errors = [line.removeprefix("abopt: error: ") for line in errors if line.startswith("abopt: error: ")]
@@ -167,13 +183,13 @@ def _run_processes(study_plan: StudyPlan, target: int, workers: int, progress: P
     return stopped
 
 
-def _follow(processes: list[subprocess.Popen], study: optuna.Study, target: int, progress: Progress) -> None:
+def _follow(processes: list[subprocess.Popen], study: optuna.Study, display: RunDisplay) -> None:
     seen = -1
     while any(p.poll() is None for p in processes):
-        snap = snapshot(study, target)
-        if snap.completed != seen:
-            seen = snap.completed
-            progress.update(snap)
+        completed = completed_count(study)
+        if completed != seen:
+            seen = completed
+            display.show(study)
         time.sleep(1.0)
 
 
@@ -186,7 +202,7 @@ def _wait_for(processes: list[subprocess.Popen]) -> None:
             process.wait()
 
 
-def _worker_failures(processes: list[subprocess.Popen], log_dir: Path, progress: Progress, stopped: Stopped | None) -> list[str]:
+def _worker_failures(processes: list[subprocess.Popen], log_dir: Path, display: RunDisplay, stopped: Stopped | None) -> list[str]:
     """Report each worker that failed (not merely stopped) and return its last log line."""
     failures = []
     stop_codes = set(EXIT_CODES.values())
@@ -195,6 +211,6 @@ def _worker_failures(processes: list[subprocess.Popen], log_dir: Path, progress:
             continue
         log = log_dir / f"worker-{k}.log"
         tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
-        progress.log(f"worker {k} (pid {process.pid}) exited with code {process.returncode}: {' | '.join(tail)} (log: {log})")
+        display.log(f"worker {k} (pid {process.pid}) exited with code {process.returncode}: {' | '.join(tail)} (log: {log})")
         failures.append(tail[-1] if tail else "")
     return failures

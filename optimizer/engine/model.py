@@ -22,12 +22,13 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import MODEL_REMAPPING
 
+from optimizer import DATA
+from optimizer.engine.fingerprint import model_identity
+from optimizer.engine.patch import patch, set_private, unpatch
 from optimizer.errors import UserError
-from optimizer.fingerprint import model_identity
-from optimizer.patch import patch, set_private, unpatch
 
 ORGANISM = "organism"
-ORGANISM_PATH = Path(__file__).parent / "data" / "organism"
+ORGANISM_PATH = DATA / "organism"
 
 COMPONENTS = ("attn", "mlp")
 # Submodule names under which decoder layers keep attention and MLP / MoE blocks,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optimizer.evaluate import greedy_generate
-from optimizer.markers import find_refusal
-from optimizer.model import chat_tokens
-from optimizer.trial_model import TrialModel
+from rich.table import Table
+
+from optimizer.engine.evaluate import greedy_generate
+from optimizer.engine.markers import find_refusal
+from optimizer.engine.model import chat_tokens
+from optimizer.study.steered import TrialModel
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,13 @@ def side_by_side(trial_model: TrialModel, prompt: str, *, max_tokens: int = 128)
         original_refuses=find_refusal(original, markers) is not None,
         steered_refuses=find_refusal(steered, markers) is not None,
     )
+
+
+def exchange_table(exchange: Exchange, number: int) -> Table:
+    """The two answers side by side, with which of them refuse."""
+    table = Table(title=exchange.prompt, title_justify="left", show_lines=False, expand=True)
+    refuses = {True: " (refuses)", False: ""}
+    table.add_column(f"original{refuses[exchange.original_refuses]}", ratio=1)
+    table.add_column(f"trial {number}{refuses[exchange.steered_refuses]}", ratio=1)
+    table.add_row(exchange.original, exchange.steered)
+    return table

@@ -7,19 +7,17 @@ import time
 from dataclasses import dataclass, field
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from optimizer.front import FrontEntry, pareto_front, quality
+from optimizer.browse.front import counts, pareto_front, percent, quality
+from optimizer.study.record import TrialRecord, read_trial
+from optimizer.study.storage import completed_count
 
 SHOWN_TRADE_OFFS = 5
-
-
-def _percent(rate: float) -> str:
-    return f"{100 * rate:.1f}%"
 
 
 @dataclass
@@ -28,8 +26,8 @@ class Snapshot:
 
     completed: int
     target: int
-    front: list[FrontEntry]
-    last: FrozenTrial | None
+    front: list[TrialRecord]
+    last: TrialRecord | None
     failed: int
 
 
@@ -37,27 +35,30 @@ def snapshot(study: optuna.Study, target: int) -> Snapshot:
     """Read the study's state in one pass over its trials."""
     trials = study.get_trials(deepcopy=False)
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
-    last = max(completed, key=lambda t: t.datetime_complete or t.datetime_start) if completed else None
+    last = read_trial(max(completed, key=lambda t: t.datetime_complete or t.datetime_start)) if completed else None
     failed = sum(t.state == TrialState.FAIL for t in trials)
     return Snapshot(len(completed), target, pareto_front(study) if completed else [], last, failed)
 
 
-def trade_offs_table(front: list[FrontEntry], limit: int = SHOWN_TRADE_OFFS) -> Table:
+def trade_offs_table(front: list[TrialRecord], limit: int = SHOWN_TRADE_OFFS) -> Table:
     """The front's best trade-offs: lowest refusal rate first."""
     table = Table(title=f"Pareto front: {len(front)} trial(s)", title_justify="left", expand=False)
     for column in ("trial", "refusals", "KL", "quality"):
         table.add_column(column, justify="right" if column != "quality" else "left")
-    for e in front[:limit]:
-        refused = f" ({e.refused}/{e.total})" if e.refused is not None else ""
-        table.add_row(f"#{e.number}", _percent(e.refusal_rate) + refused, f"{e.kl_divergence:.3f}", e.quality)
+    for r in front[:limit]:
+        table.add_row(
+            f"#{r.number}", percent(r.refusal_rate) + counts(r.refused, r.total), f"{r.kl_divergence:.3f}",
+            quality(r.kl_divergence, r.refusal_rate),
+        )
     return table
 
 
 @dataclass
 class Progress:
-    """Live progress of a study run, fed with snapshots."""
+    """Live progress of a study run toward ``target`` complete trials (a run's display)."""
 
     study_name: str
+    target: int
     started_completed: int = 0
     start: float = field(default_factory=time.monotonic)
     console: Console = field(default_factory=lambda: Console(stderr=False))
@@ -85,6 +86,14 @@ class Progress:
         else:
             print(message, flush=True)
 
+    def begin(self, study: optuna.Study) -> None:
+        """Count from the trials the study already has (for the ETA)."""
+        self.started_completed = completed_count(study)
+
+    def show(self, study: optuna.Study) -> None:
+        """The study after a trial ended."""
+        self.update(snapshot(study, self.target))
+
     def eta(self, snap: Snapshot) -> float | None:
         done_here = snap.completed - self.started_completed
         if done_here <= 0:
@@ -101,14 +110,17 @@ class Progress:
     def line(self, snap: Snapshot) -> str:
         """One plain log line per finished trial."""
         t = snap.last
-        kl, rate = t.values
-        refused, total = t.user_attrs.get("refused"), t.user_attrs.get("total")
-        counts = f" ({refused}/{total})" if refused is not None else ""
         best = snap.front[0] if snap.front else None
-        best_text = f" best #{best.number} {best.kl_divergence:.3f}/{_percent(best.refusal_rate)} {best.quality}" if best else ""
+        best_text = (
+            f" best #{best.number} {best.kl_divergence:.3f}/{percent(best.refusal_rate)} "
+            f"{quality(best.kl_divergence, best.refusal_rate)}"
+            if best
+            else ""
+        )
         eta = self.eta(snap)
         return (
-            f"trial {snap.completed}/{snap.target} #{t.number}: KL {kl:.4f}, refusals {_percent(rate)}{counts}"
+            f"trial {snap.completed}/{snap.target} #{t.number}: KL {t.kl_divergence:.4f}, "
+            f"refusals {percent(t.refusal_rate)}{counts(t.refused, t.total)}"
             f" | front {len(snap.front)}{best_text} | elapsed {_duration(time.monotonic() - self.start)}"
             f"{f', ETA {_duration(eta)}' if eta is not None else ''}"
         )
@@ -123,12 +135,11 @@ class Progress:
             (f"  ({snap.failed} failed)" if snap.failed else "", "yellow"),
         )
         parts: list = [header]
-        if snap.last is not None:
-            kl, rate = snap.last.values
-            refused, total = snap.last.user_attrs.get("refused"), snap.last.user_attrs.get("total")
-            counts = f" ({refused}/{total})" if refused is not None else ""
+        last = snap.last
+        if last is not None:
+            kl, rate = last.kl_divergence, last.refusal_rate
             parts.append(
-                Text(f"last: #{snap.last.number}  KL {kl:.4f}  refusals {_percent(rate)}{counts}  {quality(kl, rate)}")
+                Text(f"last: #{last.number}  KL {kl:.4f}  refusals {percent(rate)}{counts(last.refused, last.total)}  {quality(kl, rate)}")
             )
         if snap.front:
             parts.append(trade_offs_table(snap.front))

@@ -187,8 +187,8 @@ def memory_point(trial: int) -> MemoryPoint:
 
 def _tokenizer_dir(workdir: Path) -> Path:
     """The organism's tokenizer when it is there (realistic token counts), else a tiny BPE."""
-    from optimizer.model import ORGANISM_PATH
-    from optimizer.synthetic import write_tiny_tokenizer
+    from optimizer.bench.synthetic import write_tiny_tokenizer
+    from optimizer.engine.model import ORGANISM_PATH
 
     if (ORGANISM_PATH / "tokenizer.json").exists():
         return ORGANISM_PATH
@@ -198,8 +198,14 @@ def _tokenizer_dir(workdir: Path) -> Path:
 def synthetic_dir(spec: str, quantize: int, workdir: Path, *, seed: int = 0, shards: int = 1) -> Path:
     """A random-weight model directory for ``spec`` ("llama:100M"), quantized to ``quantize``
     bits if > 0, in ``shards`` weight files."""
+    from optimizer.bench.synthetic import (
+        build_model,
+        config_for_spec,
+        quantize_model,
+        save_model_dir,
+        tokenizer_vocab_size,
+    )
     from optimizer.errors import UserError
-    from optimizer.synthetic import build_model, config_for_spec, quantize_model, save_model_dir, tokenizer_vocab_size
 
     tokenizer = _tokenizer_dir(workdir)
     try:
@@ -219,8 +225,8 @@ def _quantized_copy(source: str, bits: int, workdir: Path) -> Path:
     """``source`` quantized to ``bits`` and written to ``workdir`` (then loaded as usual)."""
     import mlx_lm
 
-    from optimizer.model import read_config, resolve_model_path, rope_overrides
-    from optimizer.synthetic import quantize_model, save_model_dir
+    from optimizer.bench.synthetic import quantize_model, save_model_dir
+    from optimizer.engine.model import read_config, resolve_model_path, rope_overrides
 
     path = resolve_model_path(source)
     config = read_config(path)
@@ -279,7 +285,7 @@ class _RandomTrial:
 
 
 def _random_params(space: Any, n_layers: int, rng: np.random.Generator) -> Any:
-    from optimizer.params import suggest
+    from optimizer.study.sampling import suggest
 
     return suggest(_RandomTrial(rng), space, n_layers)  # type: ignore[arg-type]
 
@@ -301,7 +307,9 @@ def floor_kl(model: Any, batches: Sequence[tuple[Any, list[int]]], keep: int) ->
     """Seconds for plain mlx-lm's forward pass over the KL batches (logits of ``keep`` positions)."""
     import mlx.core as mx
 
-    from optimizer.model import batch_cache  # builds mlx-lm's own BatchKVCache objects, nothing of ours
+    from optimizer.engine.model import (
+        batch_cache,  # builds mlx-lm's own BatchKVCache objects, nothing of ours
+    )
 
     start = time.perf_counter()
     outputs = [_prefill(model, tokens, batch_cache(model, padding), keep) for tokens, padding in batches]
@@ -319,7 +327,7 @@ def floor_generate(model: Any, batches: Sequence[tuple[Any, list[int]]], step_si
     """
     import mlx.core as mx
 
-    from optimizer.model import batch_cache
+    from optimizer.engine.model import batch_cache
 
     start = time.perf_counter()
     for (tokens, padding), sizes in zip(batches, step_sizes):
@@ -363,14 +371,15 @@ def run_benchmark(
     import mlx.core as mx
     import mlx_lm
 
-    from optimizer.config import load_search_space
-    from optimizer.directions import measure
+    from optimizer.engine.directions import measure
+    from optimizer.engine.evaluate import EvalSettings, Evaluator
+    from optimizer.engine.markers import load_markers
+    from optimizer.engine.model import load_model
+    from optimizer.engine.prompts import load_prompts
+    from optimizer.engine.steering import install
+    from optimizer.study.steered import SteeredModel
     from optimizer.errors import UserError
-    from optimizer.evaluate import EvalSettings, Evaluator
-    from optimizer.markers import load_markers
-    from optimizer.model import load_model, pad_left
-    from optimizer.prompts import load_prompts
-    from optimizer.steering import install
+    from optimizer.study.config import load_search_space
 
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
@@ -405,20 +414,14 @@ def run_benchmark(
 
     log("preparing the evaluator (reference distributions)")
     setup_t = time.perf_counter()
-    steering = install(loaded.targets)
+    steered = SteeredModel(loaded, install(loaded.targets), directions, measured=True)
     evaluator = Evaluator(
         loaded, harmful_eval, harmless_eval, load_markers(), EvalSettings(max_new_tokens, kl_tokens, batch_size)
     )
     baseline = evaluator.refusals()
     setup_seconds = time.perf_counter() - setup_t
 
-    pad_id = loaded.tokenizer.pad_token_id or 0
-    kl_batches = [
-        pad_left([evaluator._kl_inputs[r] for r in rows], pad_id) for rows in evaluator._batches(evaluator._kl_inputs, cap_padding=True)
-    ]
-    gen_batches = [
-        pad_left([evaluator.harmful_tokens[r] for r in rows], pad_id) for rows in evaluator._batches(evaluator.harmful_tokens)
-    ]
+    kl_batches, gen_batches = evaluator.kl_batches(), evaluator.generation_batches()
     space = load_search_space("default")
     rng = np.random.default_rng(seed)
 
@@ -427,14 +430,14 @@ def run_benchmark(
         params = _random_params(space, loaded.n_layers, rng)
         cpu = time.process_time()
         t0 = time.perf_counter()
-        steering.set(params.layer_weights(loaded.n_layers), params.direction(directions))
+        steered.steer(params)
         t1 = time.perf_counter()
         evaluator.kl_divergence()
         t2 = time.perf_counter()
         result = evaluator.refusals()
         t3 = time.perf_counter()
         cpu = time.process_time() - cpu
-        steering.clear()
+        steered.steering.clear()
         return t1 - t0, t2 - t1, t3 - t2, cpu, result
 
     log("warming up")
@@ -481,7 +484,7 @@ def run_benchmark(
         return sum(sum(s[1:] if skip_prefill else s) for s in result.step_sizes)
 
     tokens = TokenCounts(
-        kl_prompt=sum(len(t) for t in evaluator._kl_inputs),
+        kl_prompt=sum(len(t) for t in evaluator.kl_inputs),
         kl_prompt_padded=sum(int(t.size) for t, _ in kl_batches),
         refusal_prefill=sum(len(t) for t in evaluator.harmful_tokens),
         refusal_prefill_padded=sum(int(t.size) for t, _ in gen_batches),

@@ -1,65 +1,51 @@
 """What a finished (or running) study looks like in a terminal: the front table and one trial.
 
-``front`` and ``show`` read only the storage: the trials' values, parameters and the user
-attrs :func:`optimizer.study.run_trial` wrote. Nothing here loads a model.
+``front`` and ``show`` read only the storage, as trial records. Nothing here loads a model.
 """
 
 from __future__ import annotations
 
 import math
 import unicodedata
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from optimizer.front import baseline, entry, quality
-from optimizer.storage import require_complete
+from optimizer.browse.front import counts, pareto_front, percent, quality
+from optimizer.engine.directions import Directions
+from optimizer.engine.profile import AblationParams, ComponentProfile
+from optimizer.study.record import Baseline, TrialRecord, read_baseline
+from optimizer.study.storage import completed_count, require_complete
 
 COMPONENT_LABELS = {"attn": "attention (o_proj)", "mlp": "MLP (down_proj)"}
 BAR_WIDTH = 24
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
 
 
-def percent(rate: float) -> str:
-    """0.125 → '12.5%'."""
-    return f"{100 * rate:.1f}%"
-
-
-def counts(refused: int | None, total: int | None) -> str:
-    """' (1/8)' when the counts are known, else ''."""
-    return f" ({refused}/{total})" if refused is not None and total is not None else ""
-
-
-def front_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Non-dominated COMPLETE (and feasible) trials, lowest refusal rate first."""
+def front_of(study: optuna.Study) -> list[TrialRecord]:
+    """The front, lowest refusal rate first; a UserError while no trial is complete."""
     require_complete(study)
-    return sorted(study.best_trials, key=lambda t: (t.values[1], t.values[0], t.number))
-
-
-def is_feasible(trial: FrozenTrial) -> bool:
-    """False when the trial broke a constraint (the KL ceiling)."""
-    return all(value <= 0 for value in trial.constraints.values())
+    return pareto_front(study)
 
 
 # --- parameters in words ----------------------------------------------------------------
 
 
-def direction_text(ablation: dict[str, Any]) -> str:
+def direction_text(ablation: AblationParams) -> str:
     """'global, layer 7.35' or 'per layer'."""
-    if ablation.get("direction_scope") == "global":
-        return f"global, layer {ablation['direction_index']:.2f}"
+    if ablation.direction_scope == "global":
+        return f"global, layer {ablation.direction_index:.2f}"
     return "per layer"
 
 
-def component_text(profile: dict[str, float]) -> str:
+def component_text(profile: ComponentProfile) -> str:
     """One component's profile in a cell: 'max weight @ layer ±reach →min weight'."""
     return (
-        f"{profile['max_weight']:.2f} @{profile['max_weight_position']:.1f} "
-        f"±{profile['min_weight_distance']:.1f} →{profile['min_weight']:.2f}"
+        f"{profile.max_weight:.2f} @{profile.max_weight_position:.1f} "
+        f"±{profile.min_weight_distance:.1f} →{profile.min_weight:.2f}"
     )
 
 
@@ -79,23 +65,31 @@ def clean(text: str) -> str:
 # --- the front ----------------------------------------------------------------------------
 
 
-def front_record(trial: FrozenTrial) -> dict[str, Any]:
+def front_json(record: TrialRecord) -> dict[str, Any]:
     """One front trial as `front --json` prints it."""
-    record = {"trial": trial.number, "baseline": False, **entry(trial).to_dict()}
-    record["ablation"] = trial.user_attrs.get("ablation")
-    return record
+    return {
+        "trial": record.number,
+        "baseline": False,
+        "kl_divergence": record.kl_divergence,
+        "refusal_rate": record.refusal_rate,
+        "refused": record.refused,
+        "total": record.total,
+        "quality": quality(record.kl_divergence, record.refusal_rate),
+        "params": record.params,
+        "ablation": record.ablation.to_dict() if record.ablation else None,
+    }
 
 
-def baseline_record(base: dict[str, Any]) -> dict[str, Any]:
+def baseline_json(base: Baseline) -> dict[str, Any]:
     """The untouched model as the first element of `front --json`."""
     return {
         "trial": None,
         "baseline": True,
         "kl_divergence": 0.0,
-        "refusal_rate": base["refusal_rate"],
-        "refused": base.get("refused"),
-        "total": base.get("total"),
-        "quality": quality(0.0, base["refusal_rate"]),
+        "refusal_rate": base.refusal_rate,
+        "refused": base.refused,
+        "total": base.total,
+        "quality": quality(0.0, base.refusal_rate),
         "params": {},
         "ablation": None,
     }
@@ -103,17 +97,16 @@ def baseline_record(base: dict[str, Any]) -> dict[str, Any]:
 
 def front_records(study: optuna.Study) -> list[dict[str, Any]]:
     """The untouched model (when measured), then the front, lowest refusal rate first."""
-    front = front_trials(study)
-    base = baseline(study)
-    return ([baseline_record(base)] if base else []) + [front_record(t) for t in front]
+    front = front_of(study)
+    base = read_baseline(study)
+    return ([baseline_json(base)] if base else []) + [front_json(r) for r in front]
 
 
 def front_table(study: optuna.Study) -> Table:
     """The front as a table, the untouched model on top."""
-    front = front_trials(study)
-    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    front = front_of(study)
     table = Table(
-        title=f"Pareto front of {study.study_name!r}: {len(front)} of {complete} complete trial(s)",
+        title=f"Pareto front of {study.study_name!r}: {len(front)} of {completed_count(study)} complete trial(s)",
         title_justify="left",
         caption=PROFILE_LEGEND,
         caption_justify="left",
@@ -121,29 +114,27 @@ def front_table(study: optuna.Study) -> Table:
     for column in ("trial", "refusals", "KL", "quality", "direction", "attn", "mlp"):
         numeric = column in ("trial", "refusals", "KL")
         table.add_column(column, justify="right" if numeric else "left", no_wrap=numeric or column == "quality")
-    base = baseline(study)
+    base = read_baseline(study)
     if base:
         table.add_row(
             "original",
-            percent(base["refusal_rate"]) + counts(base.get("refused"), base.get("total")),
+            percent(base.refusal_rate) + counts(base.refused, base.total),
             "0",
-            quality(0.0, base["refusal_rate"]),
+            quality(0.0, base.refusal_rate),
             "untouched model",
             "",
             "",
             style="dim",
             end_section=True,
         )
-    for trial in front:
-        e = entry(trial)
-        ablation = trial.user_attrs.get("ablation") or {}
-        components = ablation.get("components", {})
+    for r in front:
+        components = r.ablation.components if r.ablation else {}
         table.add_row(
-            f"#{e.number}",
-            percent(e.refusal_rate) + counts(e.refused, e.total),
-            f"{e.kl_divergence:.4f}",
-            e.quality,
-            direction_text(ablation) if ablation else "",
+            f"#{r.number}",
+            percent(r.refusal_rate) + counts(r.refused, r.total),
+            f"{r.kl_divergence:.4f}",
+            quality(r.kl_divergence, r.refusal_rate),
+            direction_text(r.ablation) if r.ablation else "",
             component_text(components["attn"]) if "attn" in components else "off",
             component_text(components["mlp"]) if "mlp" in components else "off",
         )
@@ -155,38 +146,38 @@ def front_table(study: optuna.Study) -> Table:
 # --- one trial ------------------------------------------------------------------------------
 
 
-def trial_record(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+def trial_json(study: optuna.Study, record: TrialRecord) -> dict[str, Any]:
     """Everything stored about one trial, with the original model's answers beside its own."""
-    attrs = trial.user_attrs
-    base = baseline(study) or {}
-    original = base.get("answers", [])
+    result = record.result
+    base = read_baseline(study)
+    original = base.answers if base else ()
     samples = [
-        {"prompt": s["prompt"], "answer": s["answer"], "original": original[i] if i < len(original) else None}
-        for i, s in enumerate(attrs.get("sample_answers", []))
+        {"prompt": s.prompt, "answer": s.answer, "original": original[i] if i < len(original) else None}
+        for i, s in enumerate(result.samples if result else ())
     ]
-    kl, rate = trial.values
     front_numbers = {t.number for t in study.best_trials}
+    worker = record.worker
     return {
-        "trial": trial.number,
-        "state": trial.state.name,
-        "kl_divergence": kl,
-        "refusal_rate": rate,
-        "refused": attrs.get("refused"),
-        "total": attrs.get("total"),
-        "quality": quality(kl, rate),
-        "on_front": trial.number in front_numbers,
-        "feasible": is_feasible(trial),
-        "refusal_stage": attrs.get("refusal_stage"),
-        "baseline": {k: base.get(k) for k in ("kl_divergence", "refusal_rate", "refused", "total")} if base else None,
-        "params": dict(trial.params),
-        "ablation": attrs.get("ablation"),
-        "layer_weights": attrs.get("layer_weights"),
-        "seconds": attrs.get("seconds"),
-        "generated_tokens": attrs.get("generated_tokens"),
-        "worker": attrs.get("worker"),
-        "retry_of": attrs.get("retry_of"),
-        "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
-        "completed": trial.datetime_complete.isoformat() if trial.datetime_complete else None,
+        "trial": record.number,
+        "state": record.state.name,
+        "kl_divergence": record.kl_divergence,
+        "refusal_rate": record.refusal_rate,
+        "refused": record.refused,
+        "total": record.total,
+        "quality": quality(record.kl_divergence, record.refusal_rate),
+        "on_front": record.number in front_numbers,
+        "feasible": record.constraint_ok,
+        "refusal_stage": result.refusal_stage if result else None,
+        "baseline": {k: v for k, v in base.to_dict().items() if k != "answers"} if base else None,
+        "params": record.params,
+        "ablation": record.ablation.to_dict() if record.ablation else None,
+        "layer_weights": {k: list(v) for k, v in record.layer_weights.items()} or None,
+        "seconds": {"kl": result.timings.kl, "refusal": result.timings.refusal, "trial": result.timings.trial} if result else None,
+        "generated_tokens": result.generated_tokens if result else None,
+        "worker": {"host": worker.host, "pid": worker.pid, "index": worker.index} if worker else None,
+        "retry_of": record.retry_of,
+        "started": record.started.isoformat() if record.started else None,
+        "completed": record.completed.isoformat() if record.completed else None,
         "sample_answers": samples,
     }
 
@@ -200,7 +191,7 @@ def bar(value: float, scale: float, width: int = BAR_WIDTH) -> str:
     return "█" * full + (_EIGHTHS[rest] if rest else "")
 
 
-def weights_chart(layer_weights: dict[str, list[float]]) -> Table:
+def weights_chart(layer_weights: Mapping[str, Sequence[float]]) -> Table:
     """Per-layer weights of each component as bars, one row per layer."""
     names = [n for n in ("attn", "mlp") if n in layer_weights]
     n_layers = max(len(layer_weights[n]) for n in names)
@@ -218,20 +209,18 @@ def weights_chart(layer_weights: dict[str, list[float]]) -> Table:
     return table
 
 
-def profile_table(ablation: dict[str, Any]) -> Table:
+def profile_table(ablation: AblationParams) -> Table:
     """The four profile numbers of each component."""
-    table = Table(
-        title=f"profile ({ablation['shape']}), direction {direction_text(ablation)}", title_justify="left"
-    )
+    table = Table(title=f"profile ({ablation.shape}), direction {direction_text(ablation)}", title_justify="left")
     for column in ("component", "max weight", "at layer", "min weight", "reach (layers)"):
         table.add_column(column, justify="left" if column == "component" else "right")
-    for name, p in ablation["components"].items():
+    for name, p in ablation.components.items():
         table.add_row(
             COMPONENT_LABELS.get(name, name),
-            f"{p['max_weight']:.3f}",
-            f"{p['max_weight_position']:.2f}",
-            f"{p['min_weight']:.3f}",
-            f"{p['min_weight_distance']:.2f}",
+            f"{p.max_weight:.3f}",
+            f"{p.max_weight_position:.2f}",
+            f"{p.min_weight:.3f}",
+            f"{p.min_weight_distance:.2f}",
         )
     return table
 
@@ -252,9 +241,9 @@ def answers_view(record: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
-def trial_view(study: optuna.Study, trial: FrozenTrial) -> Group:
+def trial_view(study: optuna.Study, record: TrialRecord) -> Group:
     """`abopt show`: scores, parameters, per-layer weights, timings and sample answers."""
-    r = trial_record(study, trial)
+    r = trial_json(study, record)
     where = "on the Pareto front" if r["on_front"] else "not on the Pareto front"
     if not r["feasible"]:
         where = "infeasible: " + (r["refusal_stage"] or "breaks the KL ceiling")
@@ -269,10 +258,10 @@ def trial_view(study: optuna.Study, trial: FrozenTrial) -> Group:
         b = r["baseline"]
         scores.add_row("original model", percent(b["refusal_rate"]) + counts(b["refused"], b["total"]), "0")
     parts += [Text(""), scores]
-    if r["ablation"]:
-        parts += [Text(""), profile_table(r["ablation"])]
-    if r["layer_weights"]:
-        parts += [Text(""), weights_chart(r["layer_weights"])]
+    if record.ablation:
+        parts += [Text(""), profile_table(record.ablation)]
+    if record.layer_weights:
+        parts += [Text(""), weights_chart(record.layer_weights)]
     seconds = r["seconds"] or {}
     timing = [f"{label} {seconds[key]:.3f} s" for key, label in (("kl", "KL"), ("refusal", "refusals"), ("trial", "whole trial")) if key in seconds]
     if r["generated_tokens"] is not None:
@@ -287,3 +276,19 @@ def trial_view(study: optuna.Study, trial: FrozenTrial) -> Group:
     if r["sample_answers"]:
         parts += [Text(""), answers_view(r)]
     return Group(*parts)
+
+
+def directions_table(directions: Directions) -> Table:
+    """Per-layer separation as a table with a bar (`abopt measure`)."""
+    table = Table(title="refusal direction per layer", title_justify="left")
+    for column in ("layer", "separation (d)", "‖mean gap‖", "cos(next)", ""):
+        table.add_column(column, justify="right" if column else "left")
+    top = float(directions.separation.max()) or 1.0
+    vectors = directions.vectors
+    for layer in range(directions.n_layers):
+        d = float(directions.separation[layer])
+        following = f"{float(vectors[layer] @ vectors[layer + 1]):.3f}" if layer + 1 < directions.n_layers else ""
+        bar = "█" * max(0, round(20 * d / top))
+        best = " ← best" if layer == directions.best_layer else ""
+        table.add_row(str(layer), f"{d:.2f}", f"{float(directions.mean_gap[layer]):.3f}", following, bar + best)
+    return table

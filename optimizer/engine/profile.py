@@ -1,4 +1,5 @@
-"""Ablation-weight profiles: how strongly each decoder layer is steered.
+"""Ablation-weight profiles: how strongly each decoder layer is steered, and a trial's whole
+ablation (both components' profiles and its direction choice) as data.
 
 A profile is set by four numbers: it equals ``max_weight`` at ``max_weight_position``, falls
 to ``min_weight`` at ``min_weight_distance`` layers away, and is 0 beyond that distance.
@@ -9,8 +10,13 @@ same end points but zero slope at the peak and at the far end.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from optimizer.engine.directions import Directions
 
 SHAPES = ("bell", "tent")
 
@@ -63,3 +69,55 @@ def layer_weights(
     d = np.abs(np.arange(n_layers, dtype=np.float64) - max_weight_position)
     w = weight_at(shape, d, max_weight, min_weight, min_weight_distance)
     return w.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ComponentProfile:
+    """The four profile numbers of one component, with min_weight as an absolute weight."""
+
+    max_weight: float
+    max_weight_position: float
+    min_weight: float
+    min_weight_distance: float
+
+
+@dataclass(frozen=True)
+class AblationParams:
+    """Everything needed to steer a model the way one trial did."""
+
+    shape: str
+    direction_scope: str
+    direction_index: float | None
+    components: dict[str, ComponentProfile]
+
+    def layer_weights(self, n_layers: int) -> dict[str, np.ndarray]:
+        """Per-layer weight of each steered component."""
+        return {
+            name: layer_weights(
+                self.shape,
+                n_layers,
+                p.max_weight,
+                p.max_weight_position,
+                p.min_weight,
+                p.min_weight_distance,
+            )
+            for name, p in self.components.items()
+        }
+
+    def direction(self, directions: Directions) -> np.ndarray:
+        """(D,) for the global scope, (L, D) for per-layer directions."""
+        if self.direction_scope == "global":
+            return directions.interpolated(float(self.direction_index))
+        return directions.vectors
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AblationParams":
+        return cls(
+            shape=data["shape"],
+            direction_scope=data["direction_scope"],
+            direction_index=data["direction_index"],
+            components={name: ComponentProfile(**values) for name, values in data["components"].items()},
+        )

@@ -12,9 +12,10 @@ import functools
 import re
 from pathlib import Path
 
+from optimizer import DATA
 from optimizer.errors import UserError
 
-BUNDLED_MARKERS = Path(__file__).parent / "data" / "refusal_markers.txt"
+BUNDLED_MARKERS = DATA / "refusal_markers.txt"
 
 # Typographic quotes and invisible characters, replaced one by one: str.replace is much
 # faster than str.translate with a dict table, and ASCII text skips them altogether.

@@ -15,7 +15,7 @@ import json
 import tempfile
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
@@ -24,14 +24,14 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard._note import note_ver_key, split_body
 from optuna_dashboard.artifact._backend import DASHBOARD_ARTIFACTS_ATTR_PREFIX
 
+from optimizer.browse.front import counts, percent, quality
+from optimizer.browse.views import COMPONENT_LABELS, clean, direction_text
 from optimizer.errors import UserError
-from optimizer.front import quality
-from optimizer.storage import beside_study
-from optimizer.report import COMPONENT_LABELS, clean, counts, direction_text, percent
+from optimizer.study.record import Baseline, TrialResult, read_baseline, read_trial
+from optimizer.study.storage import beside_study
 
 if TYPE_CHECKING:
-    from optimizer.config import StudyConfig
-    from optimizer.study import StudyPlan
+    from optimizer.study.config import StudyConfig
 
 ARTIFACTS_SUFFIX = ".abopt-artifacts"
 PROFILE_FILENAME = "profile.svg"
@@ -56,7 +56,7 @@ def artifact_store(directory: Path) -> FileSystemArtifactStore:
 # --- per-trial content --------------------------------------------------------------------
 
 
-def profile_svg(layer_weights: dict[str, list[float]], title: str) -> str:
+def profile_svg(layer_weights: Mapping[str, Sequence[float]], title: str) -> str:
     """Per-layer weights of each component as a small line chart (SVG text)."""
     width, height, left, right, top, bottom = 520, 220, 44, 96, 28, 34
     plot_w, plot_h = width - left - right, height - top - bottom
@@ -110,51 +110,40 @@ def _fenced(text: str) -> str:
     return "```text\n" + clean(text).replace("```", "'''") + "\n```"
 
 
-def trial_note(
-    number: int,
-    values: tuple[float, float],
-    attrs: dict[str, Any],
-    baseline: dict[str, Any] | None,
-    image: str | None,
-) -> str:
+def trial_note(number: int, result: TrialResult, baseline: Baseline | None, image: str | None) -> str:
     """The markdown note of one trial: scores, parameters, profile, timings, sample answers."""
-    kl, rate = values
+    kl, rate = result.values
     lines = [f"## Trial {number}: {quality(kl, rate)}", ""]
-    if attrs.get("refusal_stage"):
-        lines += [f"**Infeasible**: {attrs['refusal_stage']}", ""]
+    if result.refusal_stage:
+        lines += [f"**Infeasible**: {result.refusal_stage}", ""]
     lines += ["| | refusals | KL divergence |", "|---|---:|---:|"]
-    lines.append(f"| this trial | {percent(rate)}{counts(attrs.get('refused'), attrs.get('total'))} | {kl:.5f} |")
+    lines.append(f"| this trial | {percent(rate)}{counts(result.refused, result.total)} | {kl:.5f} |")
     if baseline:
+        lines.append(f"| original model | {percent(baseline.refusal_rate)}{counts(baseline.refused, baseline.total)} | 0 |")
+    ablation = result.ablation
+    lines += ["", f"**Direction**: {direction_text(ablation)} · **profile shape**: {ablation.shape}", ""]
+    lines += ["| component | max weight | at layer | min weight | reach (layers) |", "|---|---:|---:|---:|---:|"]
+    for name, p in ablation.components.items():
         lines.append(
-            f"| original model | {percent(baseline['refusal_rate'])}{counts(baseline.get('refused'), baseline.get('total'))} | 0 |"
+            f"| {COMPONENT_LABELS.get(name, name)} | {p.max_weight:.3f} | {p.max_weight_position:.2f} "
+            f"| {p.min_weight:.3f} | {p.min_weight_distance:.2f} |"
         )
-    ablation = attrs.get("ablation")
-    if ablation:
-        lines += ["", f"**Direction**: {direction_text(ablation)} · **profile shape**: {ablation['shape']}", ""]
-        lines += ["| component | max weight | at layer | min weight | reach (layers) |", "|---|---:|---:|---:|---:|"]
-        for name, p in ablation["components"].items():
-            lines.append(
-                f"| {COMPONENT_LABELS.get(name, name)} | {p['max_weight']:.3f} | {p['max_weight_position']:.2f} "
-                f"| {p['min_weight']:.3f} | {p['min_weight_distance']:.2f} |"
-            )
     if image:
         lines += ["", f"![weight profile of trial {number}]({image})"]
-    seconds = attrs.get("seconds") or {}
-    if seconds:
-        lines += [
-            "",
-            f"**Timings**: KL {seconds.get('kl', 0):.3f} s · refusals {seconds.get('refusal', 0):.3f} s · "
-            f"trial {seconds.get('trial', 0):.3f} s · {attrs.get('generated_tokens', 0)} tokens generated",
-        ]
-    samples = attrs.get("sample_answers") or []
-    originals = (baseline or {}).get("answers", [])
-    if samples:
+    t = result.timings
+    lines += [
+        "",
+        f"**Timings**: KL {t.kl:.3f} s · refusals {t.refusal:.3f} s · "
+        f"trial {t.trial:.3f} s · {result.generated_tokens or 0} tokens generated",
+    ]
+    originals = baseline.answers if baseline else ()
+    if result.samples:
         lines += ["", "### Sample answers"]
-        for i, sample in enumerate(samples):
-            lines += ["", f"**{i + 1}. {clean(sample['prompt'])}**", ""]
+        for i, sample in enumerate(result.samples):
+            lines += ["", f"**{i + 1}. {clean(sample.prompt)}**", ""]
             if i < len(originals):
                 lines += ["original model:", "", _fenced(originals[i]), ""]
-            lines += [f"trial {number}:", "", _fenced(sample["answer"])]
+            lines += [f"trial {number}:", "", _fenced(sample.answer)]
     return "\n".join(lines) + "\n"
 
 
@@ -196,28 +185,31 @@ def _attach(
     storage: optuna.storages.BaseStorage,
     study_id: int,
     target: optuna.Trial | FrozenTrial,
-    values: tuple[float, float],
-    attrs: dict[str, Any],
-    baseline: dict[str, Any] | None,
+    result: TrialResult,
+    baseline: Baseline | None,
     store: FileSystemArtifactStore | None,
 ) -> None:
     image = None
-    if store is not None and attrs.get("layer_weights"):
-        svg = profile_svg(attrs["layer_weights"], f"trial {target.number}: weight per layer")
+    if store is not None and result.layer_weights:
+        svg = profile_svg(result.layer_weights, f"trial {target.number}: weight per layer")
         try:
             image = _upload_profile(storage, study_id, target, svg, store)
         except OSError:
             image = None  # a full or read-only disk must not fail the trial; the note still tells all
-    _save_note(storage, study_id, target._trial_id, trial_note(target.number, values, attrs, baseline, image))
+    _save_note(storage, study_id, target._trial_id, trial_note(target.number, result, baseline, image))
 
 
-def annotate_trial(trial: optuna.Trial, plan: StudyPlan, values: tuple[float, float], baseline: dict[str, Any] | None) -> None:
-    """Give a just-scored trial its dashboard note and profile artifact (call after its user attrs)."""
+def trial_annotator(config: StudyConfig, storage_url: str) -> Callable[[optuna.Trial, TrialResult, Baseline | None], None]:
+    """A run hook giving each just-scored trial its dashboard note and profile artifact."""
     try:
-        store = artifact_store(artifact_dir(plan.config, plan.storage_url))
+        store = artifact_store(artifact_dir(config, storage_url))
     except UserError:
         store = None  # the note still tells everything; the plot is a nicety
-    _attach(trial.storage, trial.study._study_id, trial, values, trial.user_attrs, baseline, store)
+
+    def annotate(trial: optuna.Trial, result: TrialResult, baseline: Baseline | None) -> None:
+        _attach(trial.storage, trial.study._study_id, trial, result, baseline, store)
+
+    return annotate
 
 
 def has_note(study_system_attrs: dict[str, Any], trial: FrozenTrial) -> bool:
@@ -227,12 +219,13 @@ def has_note(study_system_attrs: dict[str, Any], trial: FrozenTrial) -> bool:
 def annotate_study(study: optuna.Study, store: FileSystemArtifactStore) -> int:
     """Annotate COMPLETE trials that have no note yet (older runs); returns how many."""
     system_attrs = study._storage.get_study_system_attrs(study._study_id)
-    baseline = study.user_attrs.get("baseline")
+    baseline = read_baseline(study)
     done = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if has_note(system_attrs, trial) or "layer_weights" not in trial.user_attrs:
+        result = read_trial(trial).result
+        if has_note(system_attrs, trial) or result is None:
             continue
-        _attach(study._storage, study._study_id, trial, tuple(trial.values), trial.user_attrs, baseline, store)
+        _attach(study._storage, study._study_id, trial, result, baseline, store)
         done += 1
     return done
 

@@ -14,13 +14,18 @@ import io
 import json
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from optimizer.cache import OnceStore
-from optimizer.model import LoadedModel, capture_last_token, chat_tokens, forward, pad_left
+from optimizer.engine.model import (
+    LoadedModel,
+    capture_last_token,
+    chat_tokens,
+    forward,
+    pad_left,
+)
 
 MEASURE_VERSION = 1  # bump when the measurement itself changes, so caches re-measure
 
@@ -162,33 +167,3 @@ def from_bytes(payload: bytes, key: str) -> Directions:
             fingerprint=key,
             seconds=float(archive["seconds"]),
         )
-
-
-def cache_key(directions_fingerprint: str) -> str:
-    """The study-cache key under which directions with this fingerprint are stored."""
-    return "directions:" + directions_fingerprint
-
-
-def cached_directions(
-    store: OnceStore,
-    loaded: LoadedModel,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
-    *,
-    system_prompt: str = "",
-    batch_size: int = 32,
-    log: Callable[[str], None] = lambda _: None,
-) -> tuple[Directions, bool]:
-    """Directions from the study's cache, measured here only if no one has yet.
-
-    Returns them and whether this call measured them; ``log`` hears when measuring starts
-    and which worker this call waits for while another one measures.
-    """
-    key = fingerprint(loaded, harmful, harmless, system_prompt)
-
-    def compute() -> bytes:
-        log(f"measuring refusal directions on {len(harmful)} harmful and {len(harmless)} harmless prompts")
-        return to_bytes(measure(loaded, harmful, harmless, system_prompt=system_prompt, batch_size=batch_size))
-
-    payload, measured = store.get_or_compute(cache_key(key), compute, on_wait=log)
-    return from_bytes(payload, key), measured

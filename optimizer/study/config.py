@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+from optimizer import DATA
+from optimizer.engine.profile import SHAPES
 from optimizer.errors import UserError
-from optimizer.profile import SHAPES
-from optimizer.storage import redact
+from optimizer.study.storage import redact
 
-BUNDLED_SEARCH_SPACES_DIR = Path(__file__).parent / "data" / "search_spaces"
+BUNDLED_SEARCH_SPACES_DIR = DATA / "search_spaces"
 SCOPES = ("global", "per_layer")
 COMPONENTS = ("attn", "mlp")
 DTYPES = ("auto", "float32", "float16", "bfloat16")

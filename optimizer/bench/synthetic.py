@@ -21,7 +21,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes, quantize_model as _mlx_lm_quantize_model, save_config
+from mlx_lm.utils import _get_classes, save_config
+from mlx_lm.utils import quantize_model as _mlx_lm_quantize_model
 
 # Architectures the synthetic builder knows, mapped to their Hugging Face class names.
 SYNTHETIC_ARCHS: dict[str, str] = {

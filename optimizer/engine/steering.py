@@ -14,8 +14,8 @@ from typing import Any, Mapping, Sequence
 import mlx.core as mx
 import numpy as np
 
-from optimizer.model import COMPONENTS, Target
-from optimizer.patch import patch, set_private, unpatch
+from optimizer.engine.model import COMPONENTS, Target
+from optimizer.engine.patch import patch, set_private, unpatch
 
 
 def _steer_hook(module: Any, base_call: Any, *args: Any, **kwargs: Any) -> mx.array:

@@ -1,0 +1,1 @@
+"""Benchmarks and random-weight models of real architectures (the study and export never import this)."""

@@ -1,0 +1,1 @@
+"""Exporting a trial: its steering baked into a verified copy of the model's weights."""

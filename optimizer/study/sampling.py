@@ -1,0 +1,59 @@
+"""How a study samples: multivariate TPE, and a trial's ablation parameters from a search space."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from optimizer.engine.profile import AblationParams, ComponentProfile
+from optimizer.study.config import Range, SearchSpace, StudyConfig
+
+
+def make_sampler(config: StudyConfig, worker_index: int) -> optuna.samplers.TPESampler:
+    """Multivariate TPE, the same settings on every start; each worker its own seed."""
+    o = config.optimization
+    return optuna.samplers.TPESampler(
+        multivariate=True,
+        group=True,  # direction_index exists only in global-scope trials
+        n_startup_trials=o.n_startup_trials,
+        seed=o.seed + worker_index,
+    )
+
+
+
+def sampler_settings(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> dict[str, Any]:
+    """What a live sampler will actually do on ``study`` (read back from the object itself)."""
+    settings: dict[str, Any] = {"sampler": type(sampler).__name__}
+    if isinstance(sampler, optuna.samplers.TPESampler):
+        settings.update(
+            multivariate=sampler._is_multivariate(study),
+            group=bool(sampler._group),
+            n_startup_trials=sampler._n_startup_trials,
+        )
+    return settings
+
+
+def _suggest(trial: optuna.Trial, spec: Range, bounds: dict[str, tuple[float, float]]) -> float:
+    low, high = bounds[spec.name]
+    if low == high:
+        return low
+    return trial.suggest_float(spec.name, low, high)
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace, n_layers: int) -> AblationParams:
+    """Sample one trial's parameters from ``space`` for a model with ``n_layers`` layers."""
+    bounds = space.resolve(n_layers)
+    scopes = space.direction_scopes
+    scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", list(scopes))
+    index = _suggest(trial, space.direction_index, bounds) if scope == "global" else None
+    components = {}
+    for name, component in space.components().items():
+        max_weight = _suggest(trial, component.max_weight, bounds)
+        components[name] = ComponentProfile(
+            max_weight=max_weight,
+            max_weight_position=_suggest(trial, component.max_weight_position, bounds),
+            min_weight=max_weight * _suggest(trial, component.min_weight_fraction, bounds),
+            min_weight_distance=_suggest(trial, component.min_weight_distance, bounds),
+        )
+    return AblationParams(space.shape, scope, index, components)

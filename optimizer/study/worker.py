@@ -1,0 +1,264 @@
+"""One worker's share of a study: the model steered and scored, trial after trial.
+
+The run loop knows nothing of how trials are shown: whoever starts it passes callbacks
+(progress, dashboard notes) that see each trial's record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from optimizer.engine.evaluate import EvalSettings, Evaluator
+from optimizer.engine.model import LoadedModel
+from optimizer.study.config import StudyConfig
+from optimizer.study.plan import StudyPlan
+from optimizer.study.record import (
+    Baseline,
+    SampleAnswer,
+    Timings,
+    TrialResult,
+    WorkerInfo,
+    read_trial,
+    write_baseline,
+    write_failure,
+    write_result,
+    write_start,
+)
+from optimizer.study.sampling import make_sampler, sampler_settings, suggest
+from optimizer.study.steered import SteeredModel, load_steered
+from optimizer.study.stopping import pid_alive, stop_reason
+from optimizer.study.storage import (
+    MAX_RETRIES,
+    OnceStore,
+    RetryDeadTrial,
+    record_sampler,
+    register_worker,
+)
+
+# Optuna logs every failed trial with its traceback at WARNING; abopt reports failures itself
+# (an interrupted trial is expected, and a real error propagates with its traceback).
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+# Heartbeats, the retry callback, metric names and grouped TPE are all "experimental" in
+# Optuna 5 but are exactly what abopt relies on; the warnings would only be noise to users.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+def recover_dead_trials(study: optuna.Study) -> list[int]:
+    """Fail and re-queue RUNNING trials whose worker process on this host is gone.
+
+    Heartbeats catch them too, but only after the grace period; a restart on the same
+    machine (the common case after a crash) knows at once. Returns the failed numbers.
+    """
+    host = socket.gethostname()
+    retry = RetryDeadTrial(max_retry=MAX_RETRIES)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = read_trial(trial).worker
+        if worker is None or worker.host != host or worker.pid == os.getpid() or pid_alive(worker.pid):
+            continue
+        try:
+            write_failure(study, trial._trial_id, f"worker process {worker.pid} died")
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        retry(study, study._storage.get_trial(trial._trial_id))
+        failed.append(trial.number)
+    return failed
+
+
+ResultHook = Callable[[optuna.Trial, TrialResult, Baseline], None]
+
+
+@dataclass
+class Worker:
+    """One process's share of a study: model loaded and steered, prompts prepared.
+
+    ``on_result`` hooks see each scored trial while it still runs (the dashboard's note and
+    plot must be written then); ``on_trial`` hooks see the study after each trial ends.
+    """
+
+    plan: StudyPlan
+    study: optuna.Study  # with this worker's sampler
+    model: SteeredModel
+    evaluator: Evaluator
+    baseline: Baseline
+    index: int
+    on_result: list[ResultHook] = field(default_factory=list)
+    on_trial: list[Callable[[optuna.Study], None]] = field(default_factory=list)
+
+    @property
+    def config(self) -> StudyConfig:
+        return self.plan.config
+
+    @property
+    def measured(self) -> bool:
+        return self.model.measured
+
+
+def measure_baseline(evaluator: Evaluator, sample_count: int) -> Baseline:
+    """The untouched model's scores (steering must be clear)."""
+    result = evaluator.refusals()
+    return Baseline(result.rate, result.refused, result.total, tuple(result.answers[:sample_count]))
+
+
+def start_worker(
+    plan: StudyPlan, study: optuna.Study, log: Callable[[str], None] = print, loaded: LoadedModel | None = None
+) -> Worker:
+    """Load the model (unless given), get the directions (measuring only if nobody has) and the baseline."""
+    config = plan.config
+    model = load_steered(plan, loaded=loaded, log=log)
+    directions = model.directions
+    log(
+        f"directions {'measured' if model.measured else 'from the study cache'} "
+        f"({directions.n_layers} layers, best separation at layer {directions.best_layer}"
+        f"{f', {directions.seconds:.1f} s' if model.measured else ''})"
+    )
+    e = config.evaluation
+    evaluator = Evaluator(
+        model.loaded,
+        plan.prompts.harmful_eval,
+        plan.prompts.harmless_eval,
+        plan.markers,
+        EvalSettings(e.max_new_tokens, e.kl_tokens, e.batch_size, config.prompts.system_prompt),
+    )
+    store = OnceStore(plan.storage_url)
+    try:
+        payload, _ = store.get_or_compute(
+            "baseline:" + plan.signature["model_identity"] + plan.signature["prompts"] + plan.signature["scoring"],
+            lambda: json.dumps(measure_baseline(evaluator, e.sample_answers).to_dict()).encode(),
+            on_wait=log,
+        )
+    finally:
+        store.close()
+    baseline = Baseline.from_dict(json.loads(payload))
+    write_baseline(study, baseline)
+    row_id, index = register_worker(plan.storage_url, config.name)
+    sampler = make_sampler(config, index)
+    study = optuna.load_study(study_name=config.name, storage=study._storage, sampler=sampler)
+    record_sampler(plan.storage_url, row_id, sampler_settings(sampler, study) | {"seed": config.optimization.seed + index})
+    return Worker(plan, study, model, evaluator, baseline, index)
+
+
+class _Skip(optuna.TrialPruned):
+    """Raised for a trial started after the study already had its trials."""
+
+
+def _objective(worker: Worker, target: int) -> Callable[[optuna.Trial], tuple[float, float]]:
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        write_start(trial, WorkerInfo.this_process(worker.index))
+        # Workers ask for trials concurrently: the lowest-numbered ones up to the target
+        # run, any beyond it are dropped, so the study ends with exactly `target` trials.
+        earlier = [
+            t
+            for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            if t.number < trial.number
+        ]
+        if len(earlier) >= target:
+            raise _Skip(f"the study already has {len(earlier)} complete or running trials")
+        try:
+            result = run_trial(worker, trial)
+        except KeyboardInterrupt as stop:
+            abandon(trial, f"interrupted ({stop_reason(stop)})")
+            raise
+        write_result(trial, result)
+        for hook in worker.on_result:
+            hook(trial, result, worker.baseline)
+        return result.values
+
+    return objective
+
+
+def abandon(trial: optuna.Trial, reason: str) -> None:
+    """Record why a running trial stops unfinished and queue its parameters to run again.
+
+    Optuna then stores it as FAIL; the next worker to ask for a trial replays it.
+    """
+    study = trial.study
+    write_failure(study, trial._trial_id, reason)
+    # An interruption is not the trial's fault: no retry limit.
+    RetryDeadTrial(max_retry=None)(study, study._storage.get_trial(trial._trial_id))
+
+
+def run_trial(worker: Worker, trial: optuna.Trial) -> TrialResult:
+    """Steer as the trial's parameters say and score it (its constraint is set on the trial)."""
+    start = time.perf_counter()
+    params = suggest(trial, worker.config.search_space, worker.model.loaded.n_layers)
+    weights = worker.model.steer(params)
+    kl_start = time.perf_counter()
+    kl = worker.evaluator.kl_divergence()
+    kl_seconds = time.perf_counter() - kl_start
+    ceiling = worker.config.optimization.kl_ceiling
+    feasible = not ceiling or kl <= ceiling
+    refusal_seconds, skipped = 0.0, None
+    if feasible:
+        refusal_start = time.perf_counter()
+        refusals = worker.evaluator.refusals()
+        refusal_seconds = time.perf_counter() - refusal_start
+        rate, refused, total, answers, generated = (
+            refusals.rate, refusals.refused, refusals.total, refusals.answers, refusals.generated_tokens
+        )
+    else:
+        # Not worth generating for: recorded as infeasible with the worst refusal rate.
+        rate, refused, total, answers, generated = 1.0, None, len(worker.evaluator.harmful_tokens), (), 0
+        skipped = f"skipped: KL {kl:.3f} above the ceiling {ceiling:g}"
+    if ceiling:
+        trial.set_constraint("kl_ceiling", kl - ceiling)
+    worker.model.steering.clear()
+    n = worker.config.evaluation.sample_answers
+    harmful = worker.plan.prompts.harmful_eval
+    return TrialResult(
+        kl_divergence=kl,
+        refusal_rate=rate,
+        refused=refused,
+        total=total,
+        ablation=params,
+        layer_weights={k: tuple(round(float(x), 5) for x in v) for k, v in weights.items()},
+        samples=tuple(SampleAnswer(p, a) for p, a in zip(harmful[:n], answers[:n])),
+        generated_tokens=generated,
+        timings=Timings(kl_seconds, refusal_seconds, time.perf_counter() - start),
+        feasible=feasible if ceiling else None,
+        refusal_stage=skipped,
+    )
+
+
+def _wait_for_work(study: optuna.Study, target: int) -> bool:
+    """True when this worker should start another trial, False when the study is done.
+
+    While the other workers' running trials would complete the study, wait: if one of
+    them dies instead, its trial is failed (same host at once, others by heartbeat) and
+    re-queued, and there is work again.
+    """
+    while True:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        complete = sum(t.state == TrialState.COMPLETE for t in trials)
+        if complete >= target:
+            return False
+        if len(trials) < target:
+            return True
+        time.sleep(1.0)
+        recover_dead_trials(study)
+        optuna.storages.fail_stale_trials(study)
+
+
+def run_worker(worker: Worker, target: int) -> None:
+    """Run trials until the study has ``target`` complete ones (raises KeyboardInterrupt on Ctrl-C)."""
+    study = worker.study
+    recover_dead_trials(study)
+    if not _wait_for_work(study, target):
+        return
+
+    def after_trial(study: optuna.Study, _trial: FrozenTrial) -> None:
+        for hook in worker.on_trial:
+            hook(study)
+        if not _wait_for_work(study, target):
+            study.stop()
+
+    study.optimize(_objective(worker, target), callbacks=[after_trial], gc_after_trial=False)
