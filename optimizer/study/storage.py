@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -35,6 +36,13 @@ from optimizer.errors import UserError
 from optimizer.study.stopping import pid_alive
 
 STALE_SECONDS = 60.0  # a claim not refreshed for this long belongs to a dead process
+
+# Optuna logs every failed trial with its traceback at WARNING; abopt reports failures itself
+# (an interrupted trial is expected, and a real error propagates with its traceback).
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+# Heartbeats, the retry callback, metric names and grouped TPE are all "experimental" in
+# Optuna 5 but are exactly what abopt relies on; the warnings would only be noise to users.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 _metadata = sa.MetaData()
 _table = sa.Table(

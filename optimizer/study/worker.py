@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,12 +43,6 @@ from optimizer.study.storage import (
     register_worker,
 )
 
-# Optuna logs every failed trial with its traceback at WARNING; abopt reports failures itself
-# (an interrupted trial is expected, and a real error propagates with its traceback).
-optuna.logging.set_verbosity(optuna.logging.ERROR)
-# Heartbeats, the retry callback, metric names and grouped TPE are all "experimental" in
-# Optuna 5 but are exactly what abopt relies on; the warnings would only be noise to users.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 def recover_dead_trials(study: optuna.Study) -> list[int]:
     """Fail and re-queue RUNNING trials whose worker process on this host is gone.
