@@ -126,6 +126,10 @@ class TrialModel:
     def loaded(self) -> LoadedModel:
         return self.model.loaded
 
+    @property
+    def directions(self) -> Directions:
+        return self.model.directions
+
     def steer(self) -> None:
         """Apply the trial's steering."""
         self.model.steering.set(self.weights, self.direction)
