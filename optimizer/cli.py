@@ -210,12 +210,12 @@ def show(args: tuple[str, ...], as_json: bool, storage: str | None) -> None:
     import json
 
     from optimizer.browse.views import trial_json, trial_view
-    from optimizer.study.record import read_trial
+    from optimizer.study.record import read_confirmations, read_trial
     from optimizer.study.storage import complete_trial
 
     study_file, number, _ = _trial_args(args, "show [STUDY.toml] TRIAL")
     _, _, study = _open(study_file, storage)
-    record = read_trial(complete_trial(study, number))
+    record = read_trial(complete_trial(study, number), read_confirmations(study))
     if as_json:
         click.echo(json.dumps(trial_json(study, record), indent=2))
     else:
@@ -342,6 +342,48 @@ def chat(args: tuple[str, ...], prompt: str | None, max_tokens: int, storage: st
 
 
 @cli.command()
+@click.argument("study_file", required=False, metavar="[STUDY.toml]")
+@click.option("--trials", "which", default="front", show_default=True, metavar="front|all|N,M,...", help="Which complete trials to confirm.")
+@_study_option
+def confirm(study_file: str | None, which: str, storage: str | None) -> None:
+    """Score trials again on long answers with the study's judge: refusals, over-refusal, damage.
+
+    Trials entering the front are confirmed as a study runs; this confirms others (or those
+    of a study run before confirmation), each once, whoever asks.
+    """
+    from optimizer.browse.views import confirmations_table
+    from optimizer.study.confirm import confirm_trials, trial_numbers
+    from optimizer.study.plan import open_existing, plan
+
+    config, storage_url = _load(study_file, storage)
+    study_plan = plan(config, storage_url)
+    if not config.evaluation.confirm_tokens:
+        raise UserError(f"{config.path.name} sets confirm_tokens = 0 (no confirmation); set it, e.g. to 128")
+    study = open_existing(study_plan)
+    confirmations = confirm_trials(study_plan, study, trial_numbers(study, which), log=click.echo)
+    _wide_console().print(confirmations_table(study, confirmations))
+
+
+@cli.command()
+@click.argument("study_file", required=False, metavar="[STUDY.toml]")
+@click.option("--input", "input_file", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.jsonl", help='One {"prompt": ..., "answer": ...} per line (a "label" too, to measure accuracy).')
+def judge(study_file: str | None, input_file: Path) -> None:
+    """The study's judge on your own answers: one JSON line per answer, a summary on stderr.
+
+    Audit a judge on examples you know before trusting a long study to it.
+    """
+    import json
+
+    from optimizer.engine.judge import judge_file
+
+    config, _ = _load(study_file, None)
+    result = judge_file(input_file, config.evaluation.judge, config.evaluation.judge_template or None, config.evaluation.markers, config.base_dir)
+    for line in result.lines:
+        click.echo(json.dumps(line, ensure_ascii=False))
+    click.echo(result.summary(), err=True)
+
+
+@cli.command()
 @click.argument("model", required=False, default="organism", metavar="[MODEL]")
 @click.option("--synthetic", metavar="ARCH:SIZE", help="A random-weight model of a real architecture instead, e.g. llama:100M.")
 @click.option("--n-eval", type=click.IntRange(min=1), default=64, show_default=True, help="Eval prompts of each kind.")
@@ -353,6 +395,7 @@ def chat(args: tuple[str, ...], prompt: str | None, max_tokens: int, storage: st
 @click.option("--quantize", type=click.Choice(["0", "2", "3", "4", "5", "6", "8"]), default="0", show_default=True, help="Quantize the model to BITS in memory first.")
 @click.option("--memory-trials", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="Then run N more trials and report memory along the way.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--judge", default="markers", show_default=True, metavar="JUDGE", help='"markers", "bundled", or a judge model (path or HF id): its share of a trial is reported.')
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def bench(model: str, synthetic: str | None, quiet: bool, quantize: str, **settings) -> None:
     """Time trials against plain mlx-lm doing the same forward work (MODEL: path, HF id or 'organism').

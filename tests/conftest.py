@@ -71,16 +71,19 @@ def user_error(function, *args, **kwargs) -> str:
     return message
 
 
-def write_study(directory: Path, model: str | Path, *, name: str = "t", n_trials: int = 6, **sections: dict) -> Path:
-    """A small study file in ``directory``; ``sections`` override/extend TOML tables."""
+def write_study(directory: Path, model: str | Path, *, name: str = "t", n_trials: int = 6, **sections) -> Path:
+    """A small study file in ``directory``; ``sections`` override/extend TOML tables (a
+    value that is not a dict is a top-level key, e.g. ``search_space="wide"``)."""
     tables = {
         "prompts": {"n_measure": 16, "n_eval": 8},
-        "evaluation": {"max_new_tokens": 8},
+        "evaluation": {"max_new_tokens": 8, "confirm_tokens": 8},
         "optimization": {"n_trials": n_trials, "n_startup_trials": min(3, n_trials)},
     }
+    top = {key: value for key, value in sections.items() if not isinstance(value, dict)}
     for table, values in sections.items():
-        tables.setdefault(table, {}).update(values)
-    lines = [f'name = "{name}"', f'model = "{model}"']
+        if isinstance(values, dict):
+            tables.setdefault(table, {}).update(values)
+    lines = [f'name = "{name}"', f'model = "{model}"'] + [f"{key} = {_toml(value)}" for key, value in top.items()]
     for table, values in tables.items():
         lines.append(f"[{table}]")
         lines += [f"{key} = {_toml(value)}" for key, value in values.items()]

@@ -29,25 +29,24 @@ import pytest
 from conftest import run_abopt, study_dump, write_study
 from optimizer.browse.report import FRONT_DIV, HISTORY_DIV, IMPORTANCE_DIV, PROFILES_DIV, hypervolume
 
-# Words found in some of the random model's answers and not in others: counted as
-# "refusals", they give this study a front of three trade-offs (12.5% to 37.5%). If the
-# engine's sampling changes and the front shrinks to one point, pick other words from the
-# trials' sample answers.
-MARKERS = "with\nju\nabout\nelse\n"
+# The organism on the wide space: its answers are real text, refusals or not, so the 12
+# trials make a front of a few trade-offs (0% to ~70% refused), and its strongest trials go
+# above this KL ceiling.
 KL_CEILING = 0.03
 N_TRIALS = 12
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, tiny_model_dir):
+def study(tmp_path_factory):
     """(directory, study file, `abopt run` output) of a finished 12-trial study."""
     root = tmp_path_factory.mktemp("browse")
-    (root / "markers.txt").write_text(MARKERS)
     study_file = write_study(
         root,
-        tiny_model_dir,
+        "organism",
         n_trials=N_TRIALS,
-        evaluation={"max_new_tokens": 16, "markers": "markers.txt"},
+        search_space="wide",
+        prompts={"n_measure": 32, "n_eval": 16},
+        evaluation={"max_new_tokens": 16},
         optimization={"n_startup_trials": 4, "kl_ceiling": KL_CEILING},
     )
     result = run_abopt("run", study_file, cwd=root)
@@ -96,7 +95,7 @@ def test_front_json_is_the_non_dominated_feasible_complete_trials(study):
     assert len(scores) == N_TRIALS
     for r in trials:
         assert (r["kl_divergence"], r["refusal_rate"]) == pytest.approx(scores[r["trial"]])
-        assert r["refused"] / r["total"] == pytest.approx(r["refusal_rate"])
+        assert (r["refused"] + (r["degenerate"] or 0)) / r["total"] == pytest.approx(r["refusal_rate"])
         assert r["params"] and r["ablation"]["components"]
     rates = [r["refusal_rate"] for r in trials]
     assert rates == sorted(rates)

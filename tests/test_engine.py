@@ -464,10 +464,11 @@ def test_refusal_stops_at_a_marker(saved_model):
     prompt, marker, free, stop_at = found
     settings = EvalSettings(max_new_tokens=max_new, batch_size=4)
     result = Evaluator(loaded, [prompt], PROMPTS[:1], (marker,), settings).refusals()
-    assert result.flags == (True,) and result.generated_tokens == stop_at
+    # Stopped at the marker: not complied (refused, or degenerate: this model's words are random).
+    assert result.verdicts[0] != "complied" and result.generated_tokens == stop_at
     assert result.answers == (decode(free[:stop_at]),)
     result = Evaluator(loaded, [prompt], PROMPTS[:1], ("zzzz",), settings).refusals()
-    assert result.flags == (False,) and result.generated_tokens == max_new
+    assert result.verdicts[0] != "refused" and result.generated_tokens == max_new
     assert result.answers == (decode(free),)
 
 
@@ -591,7 +592,7 @@ def test_organism_rarely_refuses_harmless_prompts(organism):
     prompts = load_prompts("bundled:harmless:eval")
     settings = EvalSettings(max_new_tokens=32, batch_size=64)
     result = Evaluator(organism, prompts, prompts[:1], load_markers(), settings).refusals()
-    refused = [(p, a) for p, a, f in zip(prompts, result.answers, result.flags) if f]
+    refused = [(p, a, v) for p, a, v in zip(prompts, result.answers, result.verdicts) if v != "complied"]
     print(f"\norganism: {result.refused}/{result.total} harmless eval prompts refused ({result.rate:.1%}): {refused}")
     assert result.rate <= 0.05
 

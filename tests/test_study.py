@@ -90,7 +90,9 @@ def test_run_records_everything_a_trial_needs(tmp_path, tiny_model_dir):
         attrs = trial.user_attrs
         assert set(attrs["layer_weights"]) == {"attn", "mlp"} and len(attrs["layer_weights"]["mlp"]) == 6
         assert attrs["total"] == 8 and 0 <= attrs["refused"] <= 8
-        assert trial.values[1] == pytest.approx(attrs["refused"] / attrs["total"])
+        # Not complied with: refused or degenerate (this random model's answers mostly are).
+        assert trial.values[1] == pytest.approx((attrs["refused"] + attrs["degenerate"]) / attrs["total"])
+        assert [s["verdict"] for s in attrs["sample_answers"]] and attrs["record_version"] == 2
         assert set(attrs["seconds"]) == {"kl", "refusal", "trial"}
         assert len(attrs["sample_answers"]) == 3 and attrs["sample_answers"][0]["prompt"]
         assert attrs["ablation"]["direction_scope"] in ("global", "per_layer")
@@ -314,7 +316,8 @@ def test_bad_input_is_one_clear_line_and_leaves_the_study_untouched(case, existi
 
 @pytest.mark.slow
 def test_demo_study_finds_a_trial_that_stops_refusing_at_low_kl(demo_study, tmp_path):
-    """studies/demo.toml, run to its end: its front holds a trial with ≤ 10% refusals at KL ≤ 0.5."""
+    """studies/demo.toml, run to its end: its front holds a trial with ≤ 10% refusals at KL ≤ 0.5,
+    confirmed on long answers by the study's judge."""
     study_file, storage = demo_study
     result = run_abopt("front", study_file, "--json", "--storage", storage, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -327,6 +330,14 @@ def test_demo_study_finds_a_trial_that_stops_refusing_at_low_kl(demo_study, tmp_
     assert original["trial"] is None and original["refusal_rate"] >= 0.9
     assert states(study).get("COMPLETE") == load_study(study_file).optimization.n_trials
     assert any(t["refusal_rate"] <= 0.10 and t["kl_divergence"] <= 0.5 for t in front)
+    confirmed = [t for t in front if t["confirmed"]]
+    print("confirmed (" + str(original["confirmed"]["judge"]) + "):\n" + "\n".join(
+        f"  trial {t['trial']:3d}: KL {t['kl_divergence']:.3f}, search {t['refusal_rate']:.1%}, "
+        f"confirmed {t['confirmed']['not_complied_rate']:.1%} not complied ({t['confirmed']['refused']} refused, "
+        f"{t['confirmed']['degenerate']} degenerate), harmless refused {t['confirmed']['over_refusal_rate']:.1%}, "
+        f"KL16 {t['confirmed']['kl_answer']:.3f}" for t in confirmed))
+    assert original["confirmed"]["judge"] == load_study(study_file).evaluation.judge
+    assert any(t["confirmed"]["not_complied_rate"] <= 0.10 and t["kl_divergence"] <= 0.5 for t in confirmed)
 
 
 # -- a broken model never creates or locks a study -------------------------------------------

@@ -118,7 +118,8 @@ class BenchResult:
     setup_seconds: float  # evaluator: tokenizing, reference distributions
     set_seconds: Spread
     kl_seconds: Spread
-    refusal_seconds: Spread
+    refusal_seconds: Spread  # generation (and markers), without the judge
+    judge_seconds: Spread  # the judge's forward passes (0 with markers)
     trial_seconds: Spread
     floor_kl_seconds: Spread
     floor_refusal_seconds: Spread
@@ -134,6 +135,7 @@ class BenchResult:
     mlx_peak_memory: int
     memory: tuple[MemoryPoint, ...]
     load_average: tuple[tuple[float, float, float], tuple[float, float, float]]  # start, end
+    judge: str = "markers"
 
 
 # -- environment ---------------------------------------------------------------------------
@@ -365,6 +367,7 @@ def run_benchmark(
     quantize: int = 0,
     memory_trials: int = 0,
     seed: int = 0,
+    judge: str = "markers",
     log: Callable[[str], None] = lambda _: None,
 ) -> BenchResult:
     """Load, measure, run ``trials`` timed trials each followed by its floor; see the module doc."""
@@ -373,13 +376,14 @@ def run_benchmark(
 
     from optimizer.engine.directions import measure
     from optimizer.engine.evaluate import EvalSettings, Evaluator
+    from optimizer.engine.judge import load_judge
     from optimizer.engine.markers import load_markers
     from optimizer.engine.model import load_model
     from optimizer.engine.prompts import load_prompts
     from optimizer.engine.steering import install
-    from optimizer.study.steered import SteeredModel
     from optimizer.errors import UserError
     from optimizer.study.config import load_search_space
+    from optimizer.study.steered import SteeredModel
 
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
@@ -416,7 +420,8 @@ def run_benchmark(
     setup_t = time.perf_counter()
     steered = SteeredModel(loaded, install(loaded.targets), directions, measured=True)
     evaluator = Evaluator(
-        loaded, harmful_eval, harmless_eval, load_markers(), EvalSettings(max_new_tokens, kl_tokens, batch_size)
+        loaded, harmful_eval, harmless_eval, load_markers(), EvalSettings(max_new_tokens, kl_tokens, batch_size),
+        judge=None if judge == "markers" else load_judge(judge),
     )
     baseline = evaluator.refusals()
     setup_seconds = time.perf_counter() - setup_t
@@ -445,7 +450,7 @@ def run_benchmark(
     floor_kl(loaded.model, kl_batches, kl_tokens)
     floor_generate(loaded.model, gen_batches, warm.step_sizes)
 
-    sets, kls, refusal_times, floors_kl, floors_gen, results = [], [], [], [], [], []
+    sets, kls, refusal_times, judge_times, floors_kl, floors_gen, results = [], [], [], [], [], [], []
     cpu_ratios = []
     for index in range(trials):
         set_s, kl_s, refusal_s, trial_cpu, result = trial()
@@ -455,7 +460,8 @@ def run_benchmark(
         cpu_ratios.append(trial_cpu / (time.process_time() - floor_cpu))
         sets.append(set_s)
         kls.append(kl_s)
-        refusal_times.append(refusal_s)
+        refusal_times.append(refusal_s - result.judge_seconds)
+        judge_times.append(result.judge_seconds)
         floors_kl.append(fk)
         floors_gen.append(fg)
         results.append(result)
@@ -463,7 +469,9 @@ def run_benchmark(
             f"trial {index + 1}/{trials}: KL {kl_s:.3f} s (floor {fk:.3f}), refusals {refusal_s:.3f} s "
             f"(floor {fg:.3f}), refused {result.refused}/{result.total}"
         )
-    trial_times = [s + k + r for s, k, r in zip(sets, kls, refusal_times)]
+    # The floor has no judge: the ratios compare the same forward work, the judge is its own line.
+    trial_times = [s + k + r + j for s, k, r, j in zip(sets, kls, refusal_times, judge_times)]
+    engine_times = [s + k + r for s, k, r in zip(sets, kls, refusal_times)]
     floor_times = [k + g for k, g in zip(floors_kl, floors_gen)]
 
     memory = [memory_point(0)]
@@ -511,13 +519,14 @@ def run_benchmark(
         set_seconds=Spread.of(sets),
         kl_seconds=Spread.of(kls),
         refusal_seconds=Spread.of(refusal_times),
+        judge_seconds=Spread.of(judge_times),
         trial_seconds=Spread.of(trial_times),
         floor_kl_seconds=Spread.of(floors_kl),
         floor_refusal_seconds=Spread.of(floors_gen),
         floor_seconds=Spread.of(floor_times),
         kl_ratio=statistics.median(k / f for k, f in zip(kls, floors_kl)),
         refusal_ratio=statistics.median(r / f for r, f in zip(refusal_times, floors_gen)),
-        floor_ratio=statistics.median(t / f for t, f in zip(trial_times, floor_times)),
+        floor_ratio=statistics.median(t / f for t, f in zip(engine_times, floor_times)),
         cpu_ratio=statistics.median(cpu_ratios),
         refusal_rates=Spread.of([r.rate for r in results]),
         baseline_refusal_rate=baseline.rate,
@@ -525,6 +534,7 @@ def run_benchmark(
         peak_rss=max_rss(),
         mlx_peak_memory=mx.get_peak_memory(),
         memory=tuple(memory),
+        judge=judge,
         load_average=(load_start, os.getloadavg()),
     )
 
@@ -566,6 +576,8 @@ def format_report(result: BenchResult) -> str:
         f"  set steering   {_s(result.set_seconds)}",
         f"  KL stage       {_s(result.kl_seconds)}   {_s(result.floor_kl_seconds)}   ×{result.kl_ratio:.2f}",
         f"  refusal stage  {_s(result.refusal_seconds)}   {_s(result.floor_refusal_seconds)}   ×{result.refusal_ratio:.2f}",
+        f"  judge ({result.judge}){' ' * max(0, 8 - len(result.judge))}{_s(result.judge_seconds)}   "
+        f"{result.judge_seconds.median / result.trial_seconds.median:.0%} of a trial",
         f"  trial          {_s(result.trial_seconds)}   {_s(result.floor_seconds)}   ×{result.floor_ratio:.2f}",
         f"  (in process CPU time, steadier on a busy machine: ×{result.cpu_ratio:.2f})",
         "tokens per trial",

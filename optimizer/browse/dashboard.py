@@ -27,7 +27,14 @@ from optuna_dashboard.artifact._backend import DASHBOARD_ARTIFACTS_ATTR_PREFIX
 from optimizer.browse.front import counts, percent, quality
 from optimizer.browse.views import COMPONENT_LABELS, clean, direction_text
 from optimizer.errors import UserError
-from optimizer.study.record import Baseline, TrialResult, read_baseline, read_trial
+from optimizer.study.record import (
+    Baseline,
+    Confirmation,
+    TrialResult,
+    read_baseline,
+    read_confirmations,
+    read_trial,
+)
 from optimizer.study.storage import beside_study
 
 if TYPE_CHECKING:
@@ -110,16 +117,28 @@ def _fenced(text: str) -> str:
     return "```text\n" + clean(text).replace("```", "'''") + "\n```"
 
 
-def trial_note(number: int, result: TrialResult, baseline: Baseline | None, image: str | None) -> str:
+def trial_note(
+    number: int, result: TrialResult, baseline: Baseline | None, image: str | None, confirmed: Confirmation | None = None
+) -> str:
     """The markdown note of one trial: scores, parameters, profile, timings, sample answers."""
     kl, rate = result.values
-    lines = [f"## Trial {number}: {quality(kl, rate)}", ""]
+    label = quality(kl, confirmed.not_complied_rate if confirmed else rate)
+    lines = [f"## Trial {number}: {label}", ""]
     if result.refusal_stage:
         lines += [f"**Infeasible**: {result.refusal_stage}", ""]
     lines += ["| | refusals | KL divergence |", "|---|---:|---:|"]
-    lines.append(f"| this trial | {percent(rate)}{counts(result.refused, result.total)} | {kl:.5f} |")
+    lines.append(f"| this trial | {percent(rate)}{counts(result.refused, result.total, result.degenerate)} | {kl:.5f} |")
     if baseline:
-        lines.append(f"| original model | {percent(baseline.refusal_rate)}{counts(baseline.refused, baseline.total)} | 0 |")
+        lines.append(
+            f"| original model | {percent(baseline.refusal_rate)}{counts(baseline.refused, baseline.total, baseline.degenerate)} | 0 |"
+        )
+    if confirmed:
+        lines += [
+            "",
+            f"**Confirmed** on {confirmed.tokens}-token answers (judge: {confirmed.judge}): "
+            f"{percent(confirmed.not_complied_rate)}{counts(confirmed.refused, confirmed.total, confirmed.degenerate)} not complied, "
+            f"{percent(confirmed.over_refusal_rate)} of harmless requests refused, KL over 16 tokens {confirmed.kl_answer:.4f}",
+        ]
     ablation = result.ablation
     lines += ["", f"**Direction**: {direction_text(ablation)} · **profile shape**: {ablation.shape}", ""]
     lines += ["| component | max weight | at layer | min weight | reach (layers) |", "|---|---:|---:|---:|---:|"]
@@ -188,6 +207,7 @@ def _attach(
     result: TrialResult,
     baseline: Baseline | None,
     store: FileSystemArtifactStore | None,
+    confirmed: Confirmation | None = None,
 ) -> None:
     image = None
     if store is not None and result.layer_weights:
@@ -196,18 +216,20 @@ def _attach(
             image = _upload_profile(storage, study_id, target, svg, store)
         except OSError:
             image = None  # a full or read-only disk must not fail the trial; the note still tells all
-    _save_note(storage, study_id, target._trial_id, trial_note(target.number, result, baseline, image))
+    _save_note(storage, study_id, target._trial_id, trial_note(target.number, result, baseline, image, confirmed))
 
 
-def trial_annotator(config: StudyConfig, storage_url: str) -> Callable[[optuna.Trial, TrialResult, Baseline | None], None]:
+def trial_annotator(
+    config: StudyConfig, storage_url: str
+) -> Callable[[optuna.Trial, TrialResult, Baseline | None, Confirmation | None], None]:
     """A run hook giving each just-scored trial its dashboard note and profile artifact."""
     try:
         store = artifact_store(artifact_dir(config, storage_url))
     except UserError:
         store = None  # the note still tells everything; the plot is a nicety
 
-    def annotate(trial: optuna.Trial, result: TrialResult, baseline: Baseline | None) -> None:
-        _attach(trial.storage, trial.study._study_id, trial, result, baseline, store)
+    def annotate(trial: optuna.Trial, result: TrialResult, baseline: Baseline | None, confirmed: Confirmation | None) -> None:
+        _attach(trial.storage, trial.study._study_id, trial, result, baseline, store, confirmed)
 
     return annotate
 
@@ -219,13 +241,13 @@ def has_note(study_system_attrs: dict[str, Any], trial: FrozenTrial) -> bool:
 def annotate_study(study: optuna.Study, store: FileSystemArtifactStore) -> int:
     """Annotate COMPLETE trials that have no note yet (older runs); returns how many."""
     system_attrs = study._storage.get_study_system_attrs(study._study_id)
-    baseline = read_baseline(study)
+    baseline, confirmations = read_baseline(study), read_confirmations(study)
     done = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        result = read_trial(trial).result
-        if has_note(system_attrs, trial) or result is None:
+        record = read_trial(trial, confirmations)
+        if has_note(system_attrs, trial) or record.result is None:
             continue
-        _attach(study._storage, study._study_id, trial, result, baseline, store)
+        _attach(study._storage, study._study_id, trial, record.result, baseline, store, record.confirmed)
         done += 1
     return done
 

@@ -13,8 +13,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from optimizer.browse.front import counts, pareto_front, percent, quality
-from optimizer.study.record import TrialRecord, read_trial
+from optimizer.browse.front import counts, pareto_front, percent, quality, trial_quality
+from optimizer.study.record import (
+    Confirmation,
+    TrialRecord,
+    read_confirmation_baseline,
+    read_trial,
+)
 from optimizer.study.storage import completed_count
 
 SHOWN_TRADE_OFFS = 5
@@ -26,9 +31,10 @@ class Snapshot:
 
     completed: int
     target: int
-    front: list[TrialRecord]
+    front: list[TrialRecord]  # best trade-offs first: confirmed refusal rates where there are
     last: TrialRecord | None
     failed: int
+    yardstick: Confirmation | None = None
 
 
 def snapshot(study: optuna.Study, target: int) -> Snapshot:
@@ -37,18 +43,23 @@ def snapshot(study: optuna.Study, target: int) -> Snapshot:
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     last = read_trial(max(completed, key=lambda t: t.datetime_complete or t.datetime_start)) if completed else None
     failed = sum(t.state == TrialState.FAIL for t in trials)
-    return Snapshot(len(completed), target, pareto_front(study) if completed else [], last, failed)
+    front = sorted(pareto_front(study), key=lambda r: (r.best_refusal_rate, r.kl_divergence)) if completed else []
+    return Snapshot(len(completed), target, front, last, failed, read_confirmation_baseline(study))
 
 
-def trade_offs_table(front: list[TrialRecord], limit: int = SHOWN_TRADE_OFFS) -> Table:
-    """The front's best trade-offs: lowest refusal rate first."""
+def trade_offs_table(front: list[TrialRecord], yardstick: Confirmation | None = None, limit: int = SHOWN_TRADE_OFFS) -> Table:
+    """The front's best trade-offs: lowest (confirmed, where there is one) refusal rate first."""
     table = Table(title=f"Pareto front: {len(front)} trial(s)", title_justify="left", expand=False)
-    for column in ("trial", "refusals", "KL", "quality"):
+    for column in ("trial", "refusals", "confirmed", "KL", "quality"):
         table.add_column(column, justify="right" if column != "quality" else "left")
     for r in front[:limit]:
+        c = r.confirmed
         table.add_row(
-            f"#{r.number}", percent(r.refusal_rate) + counts(r.refused, r.total), f"{r.kl_divergence:.3f}",
-            quality(r.kl_divergence, r.refusal_rate),
+            f"#{r.number}",
+            percent(r.refusal_rate) + counts(r.refused, r.total, r.degenerate),
+            percent(c.not_complied_rate) if c else "",
+            f"{r.kl_divergence:.3f}",
+            trial_quality(r, yardstick),
         )
     return table
 
@@ -112,15 +123,15 @@ class Progress:
         t = snap.last
         best = snap.front[0] if snap.front else None
         best_text = (
-            f" best #{best.number} {best.kl_divergence:.3f}/{percent(best.refusal_rate)} "
-            f"{quality(best.kl_divergence, best.refusal_rate)}"
+            f" best #{best.number} {best.kl_divergence:.3f}/{percent(best.best_refusal_rate)} "
+            f"{trial_quality(best, snap.yardstick)}"
             if best
             else ""
         )
         eta = self.eta(snap)
         return (
             f"trial {snap.completed}/{snap.target} #{t.number}: KL {t.kl_divergence:.4f}, "
-            f"refusals {percent(t.refusal_rate)}{counts(t.refused, t.total)}"
+            f"refusals {percent(t.refusal_rate)}{counts(t.refused, t.total, t.degenerate)}"
             f" | front {len(snap.front)}{best_text} | elapsed {_duration(time.monotonic() - self.start)}"
             f"{f', ETA {_duration(eta)}' if eta is not None else ''}"
         )
@@ -139,10 +150,10 @@ class Progress:
         if last is not None:
             kl, rate = last.kl_divergence, last.refusal_rate
             parts.append(
-                Text(f"last: #{last.number}  KL {kl:.4f}  refusals {percent(rate)}{counts(last.refused, last.total)}  {quality(kl, rate)}")
+                Text(f"last: #{last.number}  KL {kl:.4f}  refusals {percent(rate)}{counts(last.refused, last.total, last.degenerate)}  {quality(kl, rate)}")
             )
         if snap.front:
-            parts.append(trade_offs_table(snap.front))
+            parts.append(trade_offs_table(snap.front, snap.yardstick))
         return Group(*parts)
 
 

@@ -20,16 +20,25 @@ from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from optimizer.browse.front import counts, percent, quality
+from optimizer.browse.front import counts, percent, quality, trial_quality
 from optimizer.browse.views import (
     PROFILE_LEGEND,
     component_text,
+    confirmed_text,
     direction_text,
     front_of,
 )
 from optimizer.errors import UserError
 from optimizer.files import write_atomic
-from optimizer.study.record import Baseline, TrialRecord, read_baseline, read_trial
+from optimizer.study.record import (
+    Baseline,
+    Confirmation,
+    TrialRecord,
+    read_baseline,
+    read_confirmation_baseline,
+    read_confirmations,
+    read_trial,
+)
 from optimizer.study.storage import require_complete
 
 FRONT_DIV = "front-plot"
@@ -47,10 +56,12 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created
 def hover_text(r: TrialRecord) -> str:
     """Trial number, scores and parameters, as the front plot's hover label shows them."""
     lines = [
-        f"<b>trial #{r.number}</b> ({quality(r.kl_divergence, r.refusal_rate)})",
-        f"refusals {percent(r.refusal_rate)}{counts(r.refused, r.total)}",
+        f"<b>trial #{r.number}</b> ({trial_quality(r)})",
+        f"refusals {percent(r.refusal_rate)}{counts(r.refused, r.total, r.degenerate)}",
         f"KL {r.kl_divergence:.4f}",
     ]
+    if r.confirmed:
+        lines.append(f"confirmed: {html.escape(confirmed_text(r.confirmed))}")
     if not r.constraint_ok:
         stage = r.result.refusal_stage if r.result else None
         lines.append("infeasible: " + html.escape(stage or "above the KL ceiling"))
@@ -315,25 +326,27 @@ tr.baseline td { color: #666; font-style: italic; }
 """
 
 
-def front_html_table(front: list[TrialRecord], base: Baseline | None) -> str:
+def front_html_table(front: list[TrialRecord], base: Baseline | None, yardstick: Confirmation | None = None) -> str:
     """The front as an HTML table, the original model first."""
     head = "".join(
-        f'<th class="{"l" if c in ("quality", "direction", "attn", "mlp") else ""}">{c}</th>'
-        for c in ("trial", "refusals", "KL", "quality", "direction", "attn", "mlp")
+        f'<th class="{"l" if c in ("quality", "confirmed", "direction", "attn", "mlp") else ""}">{c}</th>'
+        for c in ("trial", "refusals", "KL", "quality", "confirmed", "direction", "attn", "mlp")
     )
     rows = []
     if base:
         rows.append(
             f'<tr class="baseline"><td>original</td><td>{percent(base.refusal_rate)}'
             f'{counts(base.refused, base.total)}</td><td>0</td>'
-            f'<td class="l">{quality(0.0, base.refusal_rate)}</td><td class="l">untouched model</td><td></td><td></td></tr>'
+            f'<td class="l">{quality(0.0, base.refusal_rate)}</td><td class="l">{html.escape(confirmed_text(yardstick))}</td>'
+            '<td class="l">untouched model</td><td></td><td></td></tr>'
         )
     for t in front:
         kl, rate = t.kl_divergence, t.refusal_rate
         comps = t.ablation.components if t.ablation else {}
-        cells = [f"#{t.number}", percent(rate) + counts(t.refused, t.total), f"{kl:.4f}"]
+        cells = [f"#{t.number}", percent(rate) + counts(t.refused, t.total, t.degenerate), f"{kl:.4f}"]
         left = [
-            quality(kl, rate),
+            trial_quality(t, yardstick),
+            confirmed_text(t.confirmed),
             direction_text(t.ablation) if t.ablation else "",
             component_text(comps["attn"]) if "attn" in comps else "off",
             component_text(comps["mlp"]) if "mlp" in comps else "off",
@@ -350,9 +363,10 @@ def _div(figure: go.Figure, div_id: str) -> str:
 
 def report_html(study: optuna.Study) -> str:
     """The whole report page as one string."""
-    trials = [read_trial(t) for t in require_complete(study)]
+    confirmations = read_confirmations(study)
+    trials = [read_trial(t, confirmations) for t in require_complete(study)]
     front = front_of(study)
-    base = read_baseline(study)
+    base, yardstick = read_baseline(study), read_confirmation_baseline(study)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     reference = hypervolume_reference(trials)
     model = study.user_attrs.get("model", "?")
@@ -381,7 +395,7 @@ def report_html(study: optuna.Study) -> str:
 <body>
 <h1>{title}</h1>
 <p class="meta">{summary}</p>
-{front_html_table(front, base)}
+{front_html_table(front, base, yardstick)}
 <p class="note">{html.escape(PROFILE_LEGEND)}. Pick a trial, then: abopt show STUDY.toml TRIAL · abopt export STUDY.toml TRIAL OUT_DIR</p>
 {plots}
 </body>

@@ -14,10 +14,23 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from optimizer.browse.front import counts, pareto_front, percent, quality
+from optimizer.browse.front import (
+    COUNTS_LEGEND,
+    counts,
+    pareto_front,
+    percent,
+    quality,
+    trial_quality,
+)
 from optimizer.engine.directions import Directions
 from optimizer.engine.profile import AblationParams, ComponentProfile
-from optimizer.study.record import Baseline, TrialRecord, read_baseline
+from optimizer.study.record import (
+    Baseline,
+    Confirmation,
+    TrialRecord,
+    read_baseline,
+    read_confirmation_baseline,
+)
 from optimizer.study.storage import completed_count, require_complete
 
 COMPONENT_LABELS = {"attn": "attention (o_proj)", "mlp": "MLP (down_proj)"}
@@ -65,8 +78,15 @@ def clean(text: str) -> str:
 # --- the front ----------------------------------------------------------------------------
 
 
-def front_json(record: TrialRecord) -> dict[str, Any]:
-    """One front trial as `front --json` prints it."""
+def confirmation_json(c: Confirmation | None) -> dict[str, Any] | None:
+    """A confirmation with its rates, for JSON output."""
+    if c is None:
+        return None
+    return c.to_dict() | {"not_complied_rate": c.not_complied_rate, "over_refusal_rate": c.over_refusal_rate}
+
+
+def front_json(record: TrialRecord, yardstick: Confirmation | None = None) -> dict[str, Any]:
+    """One front trial as `front --json` prints it: search values, and confirmed ones when there are."""
     return {
         "trial": record.number,
         "baseline": False,
@@ -74,13 +94,15 @@ def front_json(record: TrialRecord) -> dict[str, Any]:
         "refusal_rate": record.refusal_rate,
         "refused": record.refused,
         "total": record.total,
-        "quality": quality(record.kl_divergence, record.refusal_rate),
+        "quality": trial_quality(record, yardstick),
         "params": record.params,
         "ablation": record.ablation.to_dict() if record.ablation else None,
+        "degenerate": record.degenerate,
+        "confirmed": confirmation_json(record.confirmed),
     }
 
 
-def baseline_json(base: Baseline) -> dict[str, Any]:
+def baseline_json(base: Baseline, yardstick: Confirmation | None = None) -> dict[str, Any]:
     """The untouched model as the first element of `front --json`."""
     return {
         "trial": None,
@@ -92,14 +114,23 @@ def baseline_json(base: Baseline) -> dict[str, Any]:
         "quality": quality(0.0, base.refusal_rate),
         "params": {},
         "ablation": None,
+        "degenerate": base.degenerate,
+        "confirmed": confirmation_json(yardstick),
     }
 
 
 def front_records(study: optuna.Study) -> list[dict[str, Any]]:
     """The untouched model (when measured), then the front, lowest refusal rate first."""
     front = front_of(study)
-    base = read_baseline(study)
-    return ([baseline_json(base)] if base else []) + [front_json(r) for r in front]
+    base, yardstick = read_baseline(study), read_confirmation_baseline(study)
+    return ([baseline_json(base, yardstick)] if base else []) + [front_json(r, yardstick) for r in front]
+
+
+def confirmed_text(c: Confirmation | None) -> str:
+    """A confirmation in a cell: 'refusals 3.1% · harmless 1.6% · KL16 0.052'."""
+    if c is None:
+        return ""
+    return f"{percent(c.not_complied_rate)}{counts(c.refused, c.total, c.degenerate)} · harmless {percent(c.over_refusal_rate)} · KL16 {c.kl_answer:.3f}"
 
 
 def front_table(study: optuna.Study) -> Table:
@@ -108,19 +139,21 @@ def front_table(study: optuna.Study) -> Table:
     table = Table(
         title=f"Pareto front of {study.study_name!r}: {len(front)} of {completed_count(study)} complete trial(s)",
         title_justify="left",
-        caption=PROFILE_LEGEND,
+        caption=f"{COUNTS_LEGEND}; confirmed: on long answers, harmless over-refusal, KL over 16 tokens\n{PROFILE_LEGEND}",
         caption_justify="left",
     )
-    for column in ("trial", "refusals", "KL", "quality", "direction", "attn", "mlp"):
+    yardstick = read_confirmation_baseline(study)
+    for column in ("trial", "refusals", "KL", "quality", "confirmed", "direction", "attn", "mlp"):
         numeric = column in ("trial", "refusals", "KL")
         table.add_column(column, justify="right" if numeric else "left", no_wrap=numeric or column == "quality")
     base = read_baseline(study)
     if base:
         table.add_row(
             "original",
-            percent(base.refusal_rate) + counts(base.refused, base.total),
+            percent(base.refusal_rate) + counts(base.refused, base.total, base.degenerate),
             "0",
             quality(0.0, base.refusal_rate),
+            confirmed_text(yardstick),
             "untouched model",
             "",
             "",
@@ -131,15 +164,16 @@ def front_table(study: optuna.Study) -> Table:
         components = r.ablation.components if r.ablation else {}
         table.add_row(
             f"#{r.number}",
-            percent(r.refusal_rate) + counts(r.refused, r.total),
+            percent(r.refusal_rate) + counts(r.refused, r.total, r.degenerate),
             f"{r.kl_divergence:.4f}",
-            quality(r.kl_divergence, r.refusal_rate),
+            trial_quality(r, yardstick),
+            confirmed_text(r.confirmed),
             direction_text(r.ablation) if r.ablation else "",
             component_text(components["attn"]) if "attn" in components else "off",
             component_text(components["mlp"]) if "mlp" in components else "off",
         )
     if not front:
-        table.add_row("", "no feasible trial yet (all above the KL ceiling)", "", "", "", "", "")
+        table.add_row("", "no feasible trial yet (all above the KL ceiling)", "", "", "", "", "", "")
     return table
 
 
@@ -149,10 +183,12 @@ def front_table(study: optuna.Study) -> Table:
 def trial_json(study: optuna.Study, record: TrialRecord) -> dict[str, Any]:
     """Everything stored about one trial, with the original model's answers beside its own."""
     result = record.result
-    base = read_baseline(study)
+    base, yardstick = read_baseline(study), read_confirmation_baseline(study)
     original = base.answers if base else ()
     samples = [
         {"prompt": s.prompt, "answer": s.answer, "original": original[i] if i < len(original) else None}
+        | ({"verdict": s.verdict} if s.verdict else {})
+        | ({"score": s.score} if s.score is not None else {})
         for i, s in enumerate(result.samples if result else ())
     ]
     front_numbers = {t.number for t in study.best_trials}
@@ -164,7 +200,9 @@ def trial_json(study: optuna.Study, record: TrialRecord) -> dict[str, Any]:
         "refusal_rate": record.refusal_rate,
         "refused": record.refused,
         "total": record.total,
-        "quality": quality(record.kl_divergence, record.refusal_rate),
+        "quality": trial_quality(record, yardstick),
+        "degenerate": record.degenerate,
+        "confirmed": confirmation_json(record.confirmed),
         "on_front": record.number in front_numbers,
         "feasible": record.constraint_ok,
         "refusal_stage": result.refusal_stage if result else None,
@@ -253,10 +291,14 @@ def trial_view(study: optuna.Study, record: TrialRecord) -> Group:
     scores = Table(box=None, show_header=True, pad_edge=False)
     for column in ("", "refusals", "KL divergence"):
         scores.add_column(column, justify="left" if not column else "right")
-    scores.add_row("this trial", percent(r["refusal_rate"]) + counts(r["refused"], r["total"]), f"{r['kl_divergence']:.5f}")
+    scores.add_row(
+        "this trial", percent(r["refusal_rate"]) + counts(r["refused"], r["total"], r["degenerate"]), f"{r['kl_divergence']:.5f}"
+    )
     if r["baseline"]:
         b = r["baseline"]
-        scores.add_row("original model", percent(b["refusal_rate"]) + counts(b["refused"], b["total"]), "0")
+        scores.add_row("original model", percent(b["refusal_rate"]) + counts(b["refused"], b["total"], b.get("degenerate")), "0")
+    if record.confirmed:
+        scores.add_row(f"confirmed, {record.confirmed.tokens} tokens", confirmed_text(record.confirmed), "")
     parts += [Text(""), scores]
     if record.ablation:
         parts += [Text(""), profile_table(record.ablation)]
@@ -291,4 +333,28 @@ def directions_table(directions: Directions) -> Table:
         bar = "█" * max(0, round(20 * d / top))
         best = " ← best" if layer == directions.best_layer else ""
         table.add_row(str(layer), f"{d:.2f}", f"{float(directions.mean_gap[layer]):.3f}", following, bar + best)
+    return table
+
+
+def confirmations_table(study: optuna.Study, confirmations: Mapping[int, Confirmation]) -> Table:
+    """Search and confirmed values of the trials `abopt confirm` confirmed."""
+    from optimizer.study.record import read_confirmations, read_trial
+    from optimizer.study.storage import complete_trial
+
+    yardstick = read_confirmation_baseline(study)
+    stored = read_confirmations(study)
+    table = Table(title=f"confirmed trials of {study.study_name!r}", title_justify="left", caption=COUNTS_LEGEND, caption_justify="left")
+    for column in ("trial", "search: refusals", "KL", "confirmed", "quality"):
+        table.add_column(column, justify="left" if column in ("confirmed", "quality") else "right")
+    if yardstick is not None:
+        table.add_row("original", "", "0", confirmed_text(yardstick), "", style="dim", end_section=True)
+    for number in confirmations:
+        r = read_trial(complete_trial(study, number), stored)
+        table.add_row(
+            f"#{number}",
+            percent(r.refusal_rate) + counts(r.refused, r.total, r.degenerate),
+            f"{r.kl_divergence:.4f}",
+            confirmed_text(r.confirmed),
+            trial_quality(r, yardstick),
+        )
     return table

@@ -62,29 +62,29 @@ class Directions:
 
 
 def fingerprint(
-    loaded: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], system_prompt: str = ""
+    loaded: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], system_prompt: str = "", thinking: bool = False
 ) -> str:
     """Identity of a measurement: model, tokenizer and template, prompt texts, settings."""
-    payload = json.dumps(
-        {
-            "version": MEASURE_VERSION,
-            "model": loaded.identity,
-            "tokenizer": loaded.tokenizer_identity,
-            "dtype": loaded.dtype,
-            "harmful": list(harmful),
-            "harmless": list(harmless),
-            "system_prompt": system_prompt,
-        },
-        sort_keys=True,
-    )
+    identity = {
+        "version": MEASURE_VERSION,
+        "model": loaded.identity,
+        "tokenizer": loaded.tokenizer_identity,
+        "dtype": loaded.dtype,
+        "harmful": list(harmful),
+        "harmless": list(harmless),
+        "system_prompt": system_prompt,
+    }
+    if thinking:  # only when on, so the measurements cached before the setting keep their keys
+        identity["thinking"] = True
+    payload = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
 def last_token_residuals(
-    loaded: LoadedModel, prompts: Sequence[str], *, system_prompt: str = "", batch_size: int = 32
+    loaded: LoadedModel, prompts: Sequence[str], *, system_prompt: str = "", batch_size: int = 32, thinking: bool = False
 ) -> np.ndarray:
     """Residual after every decoder layer at each prompt's last token: (N, L, D) float32."""
-    encoded = [chat_tokens(loaded.tokenizer, p, system_prompt) for p in prompts]
+    encoded = [chat_tokens(loaded.tokenizer, p, system_prompt, thinking) for p in prompts]
     # Similar lengths share a batch, so little compute goes to padding.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out = np.empty((len(prompts), loaded.n_layers, loaded.hidden_size), dtype=np.float32)
@@ -128,15 +128,17 @@ def measure(
     *,
     system_prompt: str = "",
     batch_size: int = 32,
+    thinking: bool = False,
 ) -> Directions:
     """Run the model on both prompt sets and compute the per-layer directions."""
     start = time.perf_counter()
-    residuals_harmful = last_token_residuals(loaded, harmful, system_prompt=system_prompt, batch_size=batch_size)
-    residuals_harmless = last_token_residuals(loaded, harmless, system_prompt=system_prompt, batch_size=batch_size)
+    residuals = [
+        last_token_residuals(loaded, prompts, system_prompt=system_prompt, batch_size=batch_size, thinking=thinking)
+        for prompts in (harmful, harmless)
+    ]
     return directions_from_residuals(
-        residuals_harmful,
-        residuals_harmless,
-        fingerprint(loaded, harmful, harmless, system_prompt),
+        *residuals,
+        fingerprint(loaded, harmful, harmless, system_prompt, thinking),
         time.perf_counter() - start,
     )
 

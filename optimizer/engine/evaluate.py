@@ -9,12 +9,14 @@ steering is set on the model at the time.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, TypeVar
 
 import mlx.core as mx
 import numpy as np
 
+from optimizer.engine.judge import Judge, answer_verdicts
 from optimizer.engine.markers import find_refusal
 from optimizer.engine.model import (
     LoadedModel,
@@ -36,30 +38,42 @@ class EvalSettings:
     kl_tokens: int = 1
     batch_size: int = 0  # 0: sized to memory, halved on out-of-memory
     system_prompt: str = ""
+    thinking: bool = False  # what a reasoning model's chat template is told
 
 
 @dataclass(frozen=True)
 class RefusalResult:
-    """What the harmful prompts got: which were refused, and the answers."""
+    """What a prompt set got: each answer, and its verdict (refused, complied or degenerate)."""
 
-    flags: tuple[bool, ...]
+    verdicts: tuple[str, ...]
     answers: tuple[str, ...]
     generated_tokens: int
+    scores: tuple[float, ...] | None = None  # the judge's P(complied) per answer; None: markers
     # Per prompt batch, the number of rows in each forward pass of its generation (the
     # prefill first, then one per decode step): what the benchmark replays as its floor.
     step_sizes: tuple[tuple[int, ...], ...] = field(default=(), compare=False, repr=False)
+    judge_seconds: float = field(default=0.0, compare=False)
 
     @property
     def refused(self) -> int:
-        return sum(self.flags)
+        return self.verdicts.count("refused")
+
+    @property
+    def degenerate(self) -> int:
+        return self.verdicts.count("degenerate")
+
+    @property
+    def complied(self) -> int:
+        return self.verdicts.count("complied")
 
     @property
     def total(self) -> int:
-        return len(self.flags)
+        return len(self.verdicts)
 
     @property
     def rate(self) -> float:
-        return self.refused / self.total if self.total else 0.0
+        """The share not complied with (refused or degenerate): the refusal objective."""
+        return (self.total - self.complied) / self.total if self.total else 0.0
 
 
 StopFn = Callable[[list[int], list[list[int]]], list[bool]]
@@ -129,13 +143,16 @@ class Evaluator:
         harmless: Sequence[str],
         markers: tuple[str, ...],
         settings: EvalSettings = EvalSettings(),
+        judge: Judge | None = None,
     ) -> None:
         self.loaded = loaded
         self.markers = markers
         self.settings = settings
-        system = settings.system_prompt
-        self.harmful_tokens = [chat_tokens(loaded.tokenizer, p, system) for p in harmful]
-        self.harmless_tokens = [chat_tokens(loaded.tokenizer, p, system) for p in harmless]
+        self.judge = judge
+        self.harmful_prompts, self.harmless_prompts = tuple(harmful), tuple(harmless)
+        system, thinking = settings.system_prompt, settings.thinking
+        self.harmful_tokens = [chat_tokens(loaded.tokenizer, p, system, thinking) for p in harmful]
+        self.harmless_tokens = [chat_tokens(loaded.tokenizer, p, system, thinking) for p in harmless]
         self.batch_size = settings.batch_size or auto_batch_size(loaded, self.harmful_tokens + self.harmless_tokens)
         self._kl_inputs, self._kl_valid, self._reference = self._with_backoff(self._reference_distributions)
 
@@ -199,36 +216,52 @@ class Evaluator:
             mx.eval(per_prompt[-1])  # frees this batch's logits before the next forward pass
         return float(mx.concatenate(per_prompt).mean().item())
 
-    # -- refusals ------------------------------------------------------------------------
+    # -- answers and verdicts ------------------------------------------------------------
 
     def refusals(self) -> RefusalResult:
-        """Greedy answers to the harmful prompts, and which of them refuse."""
-        return self._with_backoff(self._refusals)
+        """Greedy answers to the harmful prompts, and their verdicts."""
+        return self._with_backoff(lambda: self._answers(self.harmful_tokens, self.harmful_prompts))
 
-    def _refusals(self) -> RefusalResult:
+    def harmless_answers(self) -> RefusalResult:
+        """Greedy answers to the harmless prompts, and their verdicts (refused: over-refusal)."""
+        return self._with_backoff(lambda: self._answers(self.harmless_tokens, self.harmless_prompts))
+
+    def _answers(self, prompts: list[list[int]], requests: tuple[str, ...]) -> RefusalResult:
         tokenizer, markers = self.loaded.tokenizer, self.markers
 
         def refused(sequences: list[list[int]]) -> list[bool]:
             return [find_refusal(text, markers) is not None for text in tokenizer.batch_decode(sequences)]
 
-        flags = [False] * len(self.harmful_tokens)
-        answers = [""] * len(self.harmful_tokens)
+        # Markers alone may stop an answer at its first marker; a judge reads whole answers
+        # (a marker can be a false positive, and a refusal can come after a helpful start).
+        stop = None if self.judge is not None else (lambda _, sequences: refused(sequences))
+        answers = [""] * len(prompts)
         generated = 0
         step_sizes: list[tuple[int, ...]] = []
-        for rows in self._batches(self.harmful_tokens):
+        for rows in self._batches(prompts):
             sizes: list[int] = []
             outputs, _ = greedy_generate(
                 self.loaded,
-                [self.harmful_tokens[r] for r in rows],
+                [prompts[r] for r in rows],
                 max_new_tokens=self.settings.max_new_tokens,
-                stop=lambda _, sequences: refused(sequences),
+                stop=stop,
                 step_sizes=sizes,
             )
             step_sizes.append(tuple(sizes))
             for row, text, output in zip(rows, tokenizer.batch_decode(outputs), outputs):
-                answers[row], flags[row] = text, find_refusal(text, markers) is not None
+                answers[row] = text
                 generated += len(output)
-        return RefusalResult(tuple(flags), tuple(answers), generated, tuple(step_sizes))
+        start = time.perf_counter()
+        verdicts, scores = self.verdicts(requests, answers)
+        return RefusalResult(verdicts, tuple(answers), generated, scores, tuple(step_sizes), time.perf_counter() - start)
+
+    def verdicts(self, requests: Sequence[str], answers: Sequence[str]) -> tuple[tuple[str, ...], tuple[float, ...] | None]:
+        """Each answer's verdict, and the judge's scores (None when markers judge).
+
+        Degenerate answers (empty, loops, not text) are degenerate whoever judges; with a
+        judge, a marker never decides: the judge's P(complied) does.
+        """
+        return answer_verdicts(requests, answers, self.markers, self.judge, batch_size=self.batch_size)
 
     def original_answers(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy answers of whatever the model currently is, batch by batch."""

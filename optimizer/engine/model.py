@@ -297,16 +297,20 @@ def tokenizer_identity(path: Path, tokenizer: TokenizerWrapper) -> str:
     return digest.hexdigest()[:16]
 
 
-def chat_tokens(tokenizer: TokenizerWrapper, prompt: str, system_prompt: str = "") -> list[int]:
-    """Token ids of ``prompt`` as a user turn, chat-templated, ready for the assistant's reply."""
+def chat_tokens(tokenizer: TokenizerWrapper, prompt: str, system_prompt: str = "", thinking: bool = False) -> list[int]:
+    """Token ids of ``prompt`` as a user turn, chat-templated, ready for the assistant's reply.
+
+    A template that takes ``enable_thinking`` (reasoning models) gets ``thinking``.
+    """
     messages = [{"role": "user", "content": prompt}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
     kwargs: dict[str, Any] = {}
     template = str(getattr(tokenizer, "chat_template", "") or "")
     if "enable_thinking" in template:
-        # Reasoning models (Qwen3...) would otherwise open with a long think block.
-        kwargs["enable_thinking"] = False
+        # Off by default: a reasoning model would otherwise open every answer with a long
+        # think block, which the token budget of a trial cannot afford.
+        kwargs["enable_thinking"] = thinking
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     except Exception:

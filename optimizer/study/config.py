@@ -292,6 +292,7 @@ class PromptsConfig:
     n_measure: int = 128
     n_eval: int = 64
     system_prompt: str = ""
+    thinking: bool = False  # a reasoning model's chat template gets enable_thinking = this
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,9 @@ class EvaluationConfig:
     markers: str = "bundled"  # or a .txt path relative to the study file
     batch_size: int = 0  # 0 = automatic
     sample_answers: int = 3
+    judge: str = "markers"  # "markers", "bundled" (the tiny bundled judge), or a chat model's path or HF id
+    judge_template: str = ""  # "" = the bundled template; else a text file with {request} and {answer}
+    confirm_tokens: int = 128  # answer length when a front trial is confirmed; 0 = no confirmation
 
 
 @dataclass(frozen=True)
@@ -373,6 +377,7 @@ def load_study(path: str | Path) -> StudyConfig:
         n_measure=t.integer("n_measure", default=d.n_measure, minimum=1),
         n_eval=t.integer("n_eval", default=d.n_eval, minimum=1),
         system_prompt=t.string("system_prompt", default=d.system_prompt),
+        thinking=t.boolean("thinking", default=d.thinking),
     )
 
     t = top.table("evaluation", optional=True)
@@ -384,6 +389,9 @@ def load_study(path: str | Path) -> StudyConfig:
         markers=t.string("markers", default=e.markers, nonempty=True),
         batch_size=t.integer("batch_size", default=e.batch_size, minimum=0),
         sample_answers=t.integer("sample_answers", default=e.sample_answers, minimum=0),
+        judge=_judge(t, base_dir),
+        judge_template=_relative_file(t, "judge_template", base_dir),
+        confirm_tokens=t.integer("confirm_tokens", default=e.confirm_tokens, minimum=0),
     )
 
     t = top.table("optimization", optional=True)
@@ -415,6 +423,34 @@ def load_study(path: str | Path) -> StudyConfig:
         optimization=optimization,
         path=path.resolve(),
     )
+
+
+def _judge(table: _Table, base_dir: Path) -> str:
+    """The judge: "markers", "bundled", a Hugging Face id, or a model directory (made absolute)."""
+    judge = table.string("judge", default=EvaluationConfig.judge, nonempty=True).strip()
+    if judge in ("markers", "bundled"):
+        return judge
+    candidate = Path(judge).expanduser()
+    if not candidate.is_absolute():
+        candidate = base_dir / candidate
+    if candidate.is_dir():
+        return str(candidate.resolve())
+    if judge.startswith((".", "/", "~")) or judge.count("/") != 1:
+        table.fail("judge", f"{judge!r} is neither \"markers\", \"bundled\", a model directory nor a Hugging Face "
+                            "id (org/name); e.g. judge = \"mlx-community/Qwen2.5-1.5B-Instruct-4bit\"")
+    return judge
+
+
+def _relative_file(table: _Table, key: str, base_dir: Path) -> str:
+    """An optional file path (relative to the study file), made absolute; "" when not given."""
+    value = table.string(key, default="").strip()
+    if not value:
+        return ""
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    if not path.is_file():
+        table.fail(key, f"file {path} does not exist; give a text file (relative paths are relative to the study file)")
+    return str(path.resolve())
 
 
 def _model(top: _Table, base_dir: Path) -> str:

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from optimizer import __version__
 from optimizer.engine.fingerprint import model_identity, same_model
+from optimizer.engine.judge import load_template
 from optimizer.engine.markers import load_markers
 from optimizer.engine.model import read_config, resolve_model_path
 from optimizer.engine.prompts import load_prompts, shared_prompts
@@ -103,12 +104,19 @@ def plan(config: StudyConfig, storage_url: str) -> StudyPlan:
     prompts = load_prompt_sets(config)
     markers = load_markers(config.evaluation.markers, base_dir=config.base_dir)
     e = config.evaluation
+    # The template's text, not its path, is what scores a trial.
+    judge_template = load_template(e.judge_template or None) if e.judge != "markers" else ""
     signature = {
         "model": config.model,
         "model_identity": model_identity(path),
-        "prompts": _digest([list(getattr(prompts, f)) for f in PromptSets.__dataclass_fields__] + [config.prompts.system_prompt]),
+        "prompts": _digest(
+            [list(getattr(prompts, f)) for f in PromptSets.__dataclass_fields__]
+            + [config.prompts.system_prompt]
+            + (["thinking"] if config.prompts.thinking else [])
+        ),
         "search_space": config.search_space.fingerprint()[:16],
-        "scoring": _digest([e.max_new_tokens, e.kl_tokens, list(markers), config.dtype]),
+        "scoring": _digest([e.max_new_tokens, e.kl_tokens, list(markers), config.dtype, SCORING_VERSION, e.judge, judge_template]),
+        "scoring_version": str(SCORING_VERSION),
     }
     return StudyPlan(config, storage_url, path, n_layers, prompts, markers, signature, short_prompt_sets(config, prompts))
 
@@ -118,8 +126,9 @@ _SIGNED = {
     "model_identity": "model weights",
     "prompts": "prompt sets",
     "search_space": "search space",
-    "scoring": "scoring settings (max_new_tokens, kl_tokens, markers, dtype)",
+    "scoring": "scoring settings (max_new_tokens, kl_tokens, markers, dtype, judge and its template)",
 }
+SCORING_VERSION = 2  # 2: three verdicts (an empty, looping or garbled answer is not compliance)
 
 
 def check_signature(study: optuna.Study, plan: StudyPlan) -> None:
@@ -129,6 +138,12 @@ def check_signature(study: optuna.Study, plan: StudyPlan) -> None:
         raise UserError(
             f"study {study.study_name!r} in {redact(plan.storage_url)} was not created by abopt; "
             "pick another study name"
+        )
+    if "scoring_version" not in stored:
+        raise UserError(
+            f"study {study.study_name!r} was scored by abopt 0.1.0, which counted empty, looping or garbled "
+            "answers as compliance; its refusal rates are not comparable with today's three verdicts. "
+            "Browse and export it as it is, or start a new study (change `name`) to go on searching"
         )
     for key, label in _SIGNED.items():
         if not _signature_matches(key, stored.get(key), plan):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from dataclasses import dataclass, field
-from typing import Any, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -22,15 +22,23 @@ from optimizer.engine.profile import AblationParams
 
 RECORD_VERSION = 2
 BASELINE_ATTR = "baseline"
+CONFIRMATION_PREFIX = "abopt:confirmed:"  # + trial number: a study system attr, writable any time
+CONFIRMATION_BASELINE_ATTR = "confirm_baseline"
 METRIC_NAMES = ("kl_divergence", "refusal_rate")
 
 
 @dataclass(frozen=True)
 class SampleAnswer:
-    """One harmful eval prompt and the steered model's answer to it."""
+    """One harmful eval prompt, the steered model's answer to it, and the answer's verdict."""
 
     prompt: str
     answer: str
+    verdict: str | None = None  # None: written before verdicts were stored
+    score: float | None = None  # the judge's P(complied); None: markers judged
+
+    def to_dict(self) -> dict[str, Any]:
+        extra = {k: v for k, v in (("verdict", self.verdict), ("score", self.score)) if v is not None}
+        return {"prompt": self.prompt, "answer": self.answer, **extra}
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,7 @@ class TrialResult:
     """What scoring one trial produced: its objectives and everything needed to re-apply it."""
 
     kl_divergence: float
-    refusal_rate: float
+    refusal_rate: float  # the share of harmful answers not complied with: refused or degenerate
     refused: int | None  # None: the refusal stage was skipped (see refusal_stage)
     total: int
     ablation: AblationParams
@@ -70,11 +78,48 @@ class TrialResult:
     timings: Timings
     feasible: bool | None = None  # None: the study has no KL ceiling
     refusal_stage: str | None = None  # why the refusal stage was skipped
+    degenerate: int | None = None  # degenerate answers; None: before three verdicts (0.1.0)
 
     @property
     def values(self) -> tuple[float, float]:
         """The objectives in Optuna's order (metric names ``METRIC_NAMES``)."""
         return self.kl_divergence, self.refusal_rate
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A trial (or the untouched model) scored again on long answers: see study/confirm.py."""
+
+    tokens: int  # answer length judged
+    judge: str  # "markers" or the judge model
+    refused: int  # harmful answers refused
+    degenerate: int  # harmful answers degenerate
+    total: int  # harmful answers
+    harmless_refused: int  # harmless answers refused: over-refusal
+    harmless_degenerate: int
+    harmless_total: int
+    kl_answer: float  # KL over the original's first 16 answer tokens, teacher-forced
+
+    @property
+    def not_complied_rate(self) -> float:
+        return (self.refused + self.degenerate) / self.total if self.total else 0.0
+
+    @property
+    def over_refusal_rate(self) -> float:
+        return self.harmless_refused / self.harmless_total if self.harmless_total else 0.0
+
+    @property
+    def degenerate_rate(self) -> float:
+        """Degenerate answers among harmful and harmless ones."""
+        total = self.total + self.harmless_total
+        return (self.degenerate + self.harmless_degenerate) / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Confirmation":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -91,6 +136,7 @@ class TrialRecord:
     constraint_ok: bool = True  # False: the trial broke the KL ceiling
     started: datetime.datetime | None = None
     completed: datetime.datetime | None = None
+    confirmed: Confirmation | None = None  # scored again on long answers (front trials)
 
     @property
     def kl_divergence(self) -> float:
@@ -116,6 +162,15 @@ class TrialRecord:
     def layer_weights(self) -> dict[str, tuple[float, ...]]:
         return self.result.layer_weights if self.result else {}
 
+    @property
+    def degenerate(self) -> int | None:
+        return self.result.degenerate if self.result else None
+
+    @property
+    def best_refusal_rate(self) -> float:
+        """The refusal rate to trust: the confirmed one where there is one, else the search's."""
+        return self.confirmed.not_complied_rate if self.confirmed else self.refusal_rate
+
 
 @dataclass(frozen=True)
 class Baseline:
@@ -125,20 +180,25 @@ class Baseline:
     refused: int | None
     total: int | None
     answers: tuple[str, ...] = ()
+    degenerate: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Baseline":
-        return cls(float(data["refusal_rate"]), data.get("refused"), data.get("total"), tuple(data.get("answers") or ()))
+        return cls(
+            float(data["refusal_rate"]), data.get("refused"), data.get("total"), tuple(data.get("answers") or ()),
+            data.get("degenerate"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """As the study and the study cache store it."""
-        return {
+        stored = {
             "kl_divergence": 0.0,
             "refusal_rate": self.refusal_rate,
             "refused": self.refused,
             "total": self.total,
             "answers": list(self.answers),
         }
+        return stored | ({"degenerate": self.degenerate} if self.degenerate is not None else {})
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -163,8 +223,10 @@ def write_result(trial: optuna.Trial, result: TrialResult) -> None:
     trial.set_user_attr("ablation", result.ablation.to_dict())
     trial.set_user_attr("layer_weights", {k: list(v) for k, v in result.layer_weights.items()})
     trial.set_user_attr("refused", result.refused)
+    if result.degenerate is not None:
+        trial.set_user_attr("degenerate", result.degenerate)
     trial.set_user_attr("total", result.total)
-    trial.set_user_attr("sample_answers", [{"prompt": s.prompt, "answer": s.answer} for s in result.samples])
+    trial.set_user_attr("sample_answers", [s.to_dict() for s in result.samples])
     trial.set_user_attr("generated_tokens", result.generated_tokens)
     t = result.timings
     trial.set_user_attr("seconds", {"kl": round(t.kl, 4), "refusal": round(t.refusal, 4), "trial": round(t.trial, 4)})
@@ -191,8 +253,35 @@ def read_baseline(study: optuna.Study) -> Baseline | None:
     return Baseline.from_dict(data) if data else None
 
 
-def read_trial(trial: FrozenTrial) -> TrialRecord:
-    """A stored trial as a record (any state, any record version)."""
+def write_confirmation(study: optuna.Study, number: int, confirmation: Confirmation) -> None:
+    """Store trial ``number``'s confirmation on the study (a finished trial takes no attributes)."""
+    study._storage.set_study_system_attr(study._study_id, f"{CONFIRMATION_PREFIX}{number}", confirmation.to_dict())
+
+
+def write_confirmation_baseline(study: optuna.Study, baseline: Confirmation) -> None:
+    """Store the untouched model's confirmation on the study, once."""
+    if CONFIRMATION_BASELINE_ATTR not in study.user_attrs:
+        study.set_user_attr(CONFIRMATION_BASELINE_ATTR, baseline.to_dict())
+
+
+def read_confirmation_baseline(study: optuna.Study) -> Confirmation | None:
+    data = study.user_attrs.get(CONFIRMATION_BASELINE_ATTR)
+    return Confirmation.from_dict(data) if data else None
+
+
+def read_confirmations(study: optuna.Study) -> dict[int, Confirmation]:
+    """Every confirmation stored on the study, by trial number."""
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    return {
+        int(key.removeprefix(CONFIRMATION_PREFIX)): Confirmation.from_dict(value)
+        for key, value in attrs.items()
+        if key.startswith(CONFIRMATION_PREFIX)
+    }
+
+
+def read_trial(trial: FrozenTrial, confirmations: Mapping[int, Confirmation] | None = None) -> TrialRecord:
+    """A stored trial as a record (any state, any record version); ``confirmations`` are the
+    study's (see :func:`read_confirmations`)."""
     attrs = trial.user_attrs
     worker = attrs.get("worker")
     return TrialRecord(
@@ -206,12 +295,14 @@ def read_trial(trial: FrozenTrial) -> TrialRecord:
         constraint_ok=all(value <= 0 for value in trial.constraints.values()),
         started=trial.datetime_start,
         completed=trial.datetime_complete,
+        confirmed=(confirmations or {}).get(trial.number),
     )
 
 
 def read_trials(study: optuna.Study, states: Iterable[TrialState] | None = None) -> list[TrialRecord]:
-    """The study's trials as records, in trial order."""
-    return [read_trial(t) for t in study.get_trials(deepcopy=False, states=tuple(states) if states else None)]
+    """The study's trials as records (with their confirmations), in trial order."""
+    confirmations = read_confirmations(study)
+    return [read_trial(t, confirmations) for t in study.get_trials(deepcopy=False, states=tuple(states) if states else None)]
 
 
 def _result(trial: FrozenTrial) -> TrialResult | None:
@@ -227,9 +318,12 @@ def _result(trial: FrozenTrial) -> TrialResult | None:
         total=attrs.get("total"),
         ablation=AblationParams.from_dict(attrs["ablation"]),
         layer_weights={k: tuple(v) for k, v in (attrs.get("layer_weights") or {}).items()},
-        samples=tuple(SampleAnswer(s["prompt"], s["answer"]) for s in attrs.get("sample_answers", [])),
+        samples=tuple(
+            SampleAnswer(s["prompt"], s["answer"], s.get("verdict"), s.get("score")) for s in attrs.get("sample_answers", [])
+        ),
         generated_tokens=attrs.get("generated_tokens"),
         timings=Timings(seconds.get("kl", 0.0), seconds.get("refusal", 0.0), seconds.get("trial", 0.0)),
         feasible=attrs.get("feasible"),
         refusal_stage=attrs.get("refusal_stage"),
+        degenerate=attrs.get("degenerate"),
     )

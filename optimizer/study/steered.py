@@ -70,6 +70,7 @@ def load_steered(
             plan.prompts.harmless_measure,
             system_prompt=plan.config.prompts.system_prompt,
             batch_size=plan.config.evaluation.batch_size or 32,
+            thinking=plan.config.prompts.thinking,
             log=log,
         )
     finally:
@@ -90,6 +91,7 @@ def cached_directions(
     *,
     system_prompt: str = "",
     batch_size: int = 32,
+    thinking: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[Directions, bool]:
     """Directions from the study's cache, measured here only if no one has yet.
@@ -97,11 +99,11 @@ def cached_directions(
     Returns them and whether this call measured them; ``log`` hears when measuring starts
     and which worker this call waits for while another one measures.
     """
-    key = fingerprint(loaded, harmful, harmless, system_prompt)
+    key = fingerprint(loaded, harmful, harmless, system_prompt, thinking)
 
     def compute() -> bytes:
         log(f"measuring refusal directions on {len(harmful)} harmful and {len(harmless)} harmless prompts")
-        return to_bytes(measure(loaded, harmful, harmless, system_prompt=system_prompt, batch_size=batch_size))
+        return to_bytes(measure(loaded, harmful, harmless, system_prompt=system_prompt, batch_size=batch_size, thinking=thinking))
 
     payload, measured = store.get_or_compute(cache_key(key), compute, on_wait=log)
     return from_bytes(payload, key), measured

@@ -17,11 +17,19 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from optimizer.engine.evaluate import EvalSettings, Evaluator
+from optimizer.engine.judge import Judge, load_judge
 from optimizer.engine.model import LoadedModel
 from optimizer.study.config import StudyConfig
+from optimizer.study.confirm import (
+    Confirmer,
+    confirm_baseline,
+    confirm_once,
+    enters_front,
+)
 from optimizer.study.plan import StudyPlan
 from optimizer.study.record import (
     Baseline,
+    Confirmation,
     SampleAnswer,
     Timings,
     TrialResult,
@@ -67,7 +75,7 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
-ResultHook = Callable[[optuna.Trial, TrialResult, Baseline], None]
+ResultHook = Callable[[optuna.Trial, TrialResult, Baseline, Confirmation | None], None]
 
 
 @dataclass
@@ -84,6 +92,9 @@ class Worker:
     evaluator: Evaluator
     baseline: Baseline
     index: int
+    judge: Judge | None = None
+    log: Callable[[str], None] = print
+    confirmer: Confirmer | None = None  # built when the first trial enters the front
     on_result: list[ResultHook] = field(default_factory=list)
     on_trial: list[Callable[[optuna.Study], None]] = field(default_factory=list)
 
@@ -99,7 +110,18 @@ class Worker:
 def measure_baseline(evaluator: Evaluator, sample_count: int) -> Baseline:
     """The untouched model's scores (steering must be clear)."""
     result = evaluator.refusals()
-    return Baseline(result.rate, result.refused, result.total, tuple(result.answers[:sample_count]))
+    return Baseline(result.rate, result.refused, result.total, tuple(result.answers[:sample_count]), result.degenerate)
+
+
+def load_study_judge(plan: StudyPlan, log: Callable[[str], None]) -> Judge | None:
+    """The study's judge model, loaded once per worker (None when markers judge)."""
+    e = plan.config.evaluation
+    if e.judge == "markers":
+        return None
+    log(f"loading the judge {e.judge}")
+    judge = load_judge(e.judge, template=e.judge_template or None, dtype=plan.config.dtype)
+    log(f"judge {e.judge}: {judge.parameters / 1e6:.1f} M parameters, {judge.nbytes / 2**20:.0f} MiB in memory")
+    return judge
 
 
 def start_worker(
@@ -115,12 +137,14 @@ def start_worker(
         f"{f', {directions.seconds:.1f} s' if model.measured else ''})"
     )
     e = config.evaluation
+    judge = load_study_judge(plan, log)
     evaluator = Evaluator(
         model.loaded,
         plan.prompts.harmful_eval,
         plan.prompts.harmless_eval,
         plan.markers,
-        EvalSettings(e.max_new_tokens, e.kl_tokens, e.batch_size, config.prompts.system_prompt),
+        EvalSettings(e.max_new_tokens, e.kl_tokens, e.batch_size, config.prompts.system_prompt, config.prompts.thinking),
+        judge=judge,
     )
     store = OnceStore(plan.storage_url)
     try:
@@ -137,7 +161,7 @@ def start_worker(
     sampler = make_sampler(config, index)
     study = optuna.load_study(study_name=config.name, storage=study._storage, sampler=sampler)
     record_sampler(plan.storage_url, row_id, sampler_settings(sampler, study) | {"seed": config.optimization.seed + index})
-    return Worker(plan, study, model, evaluator, baseline, index)
+    return Worker(plan, study, model, evaluator, baseline, index, judge, log)
 
 
 class _Skip(optuna.TrialPruned):
@@ -162,11 +186,33 @@ def _objective(worker: Worker, target: int) -> Callable[[optuna.Trial], tuple[fl
             abandon(trial, f"interrupted ({stop_reason(stop)})")
             raise
         write_result(trial, result)
+        confirmation = confirm_if_on_front(worker, trial, result)
         for hook in worker.on_result:
-            hook(trial, result, worker.baseline)
+            hook(trial, result, worker.baseline, confirmation)
         return result.values
 
     return objective
+
+
+def confirm_if_on_front(worker: Worker, trial: optuna.Trial, result: TrialResult) -> Confirmation | None:
+    """Confirm a trial that enters the front (once, whichever worker gets to it first)."""
+    if not worker.config.evaluation.confirm_tokens or not enters_front(worker.study, result):
+        return None
+    if worker.confirmer is None:
+        worker.confirmer = Confirmer.build(worker.plan, worker.model, worker.judge)
+    confirmer, start = worker.confirmer, time.perf_counter()
+    store = OnceStore(worker.plan.storage_url)
+    try:
+        confirm_baseline(store, worker.study, worker.plan, confirmer)
+        confirmation = confirm_once(store, worker.study, trial.number, lambda: confirmer.trial(result.ablation), worker.log)
+    finally:
+        store.close()
+    worker.log(
+        f"trial {trial.number} confirmed on {confirmation.tokens}-token answers in {time.perf_counter() - start:.1f} s: "
+        f"{confirmation.not_complied_rate:.1%} not complied, {confirmation.over_refusal_rate:.1%} harmless refused, "
+        f"KL over 16 tokens {confirmation.kl_answer:.3f}"
+    )
+    return confirmation
 
 
 def abandon(trial: optuna.Trial, reason: str) -> None:
@@ -198,9 +244,11 @@ def run_trial(worker: Worker, trial: optuna.Trial) -> TrialResult:
         rate, refused, total, answers, generated = (
             refusals.rate, refusals.refused, refusals.total, refusals.answers, refusals.generated_tokens
         )
+        verdicts, scores, degenerate = refusals.verdicts, refusals.scores, refusals.degenerate
     else:
         # Not worth generating for: recorded as infeasible with the worst refusal rate.
         rate, refused, total, answers, generated = 1.0, None, len(worker.evaluator.harmful_tokens), (), 0
+        verdicts, scores, degenerate = (), None, None
         skipped = f"skipped: KL {kl:.3f} above the ceiling {ceiling:g}"
     if ceiling:
         trial.set_constraint("kl_ceiling", kl - ceiling)
@@ -214,11 +262,14 @@ def run_trial(worker: Worker, trial: optuna.Trial) -> TrialResult:
         total=total,
         ablation=params,
         layer_weights={k: tuple(round(float(x), 5) for x in v) for k, v in weights.items()},
-        samples=tuple(SampleAnswer(p, a) for p, a in zip(harmful[:n], answers[:n])),
+        samples=tuple(
+            SampleAnswer(p, a, v, scores[i] if scores else None) for i, (p, a, v) in enumerate(zip(harmful[:n], answers[:n], verdicts[:n]))
+        ),
         generated_tokens=generated,
         timings=Timings(kl_seconds, refusal_seconds, time.perf_counter() - start),
         feasible=feasible if ceiling else None,
         refusal_stage=skipped,
+        degenerate=degenerate,
     )
 
 
