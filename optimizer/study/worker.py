@@ -182,13 +182,13 @@ def _objective(worker: Worker, target: int) -> Callable[[optuna.Trial], tuple[fl
             raise _Skip(f"the study already has {len(earlier)} complete or running trials")
         try:
             result = run_trial(worker, trial)
+            write_result(trial, result)
+            confirmation = confirm_if_on_front(worker, trial, result)
+            for hook in worker.on_result:
+                hook(trial, result, worker.baseline, confirmation)
         except KeyboardInterrupt as stop:
             abandon(trial, f"interrupted ({stop_reason(stop)})")
             raise
-        write_result(trial, result)
-        confirmation = confirm_if_on_front(worker, trial, result)
-        for hook in worker.on_result:
-            hook(trial, result, worker.baseline, confirmation)
         return result.values
 
     return objective
