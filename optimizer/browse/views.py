@@ -30,8 +30,10 @@ from optimizer.study.record import (
     TrialRecord,
     read_baseline,
     read_confirmation_baseline,
+    read_confirmations,
+    read_trial,
 )
-from optimizer.study.storage import completed_count, require_complete
+from optimizer.study.storage import complete_trial, completed_count, require_complete
 
 COMPONENT_LABELS = {"attn": "attention (o_proj)", "mlp": "MLP (down_proj)"}
 BAR_WIDTH = 24
@@ -338,9 +340,6 @@ def directions_table(directions: Directions) -> Table:
 
 def confirmations_table(study: optuna.Study, confirmations: Mapping[int, Confirmation]) -> Table:
     """Search and confirmed values of the trials `abopt confirm` confirmed."""
-    from optimizer.study.record import read_confirmations, read_trial
-    from optimizer.study.storage import complete_trial
-
     yardstick = read_confirmation_baseline(study)
     stored = read_confirmations(study)
     table = Table(title=f"confirmed trials of {study.study_name!r}", title_justify="left", caption=COUNTS_LEGEND, caption_justify="left")

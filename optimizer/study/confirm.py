@@ -20,16 +20,19 @@ from optuna.trial import TrialState
 from optimizer.engine.evaluate import EvalSettings, Evaluator
 from optimizer.engine.judge import Judge
 from optimizer.engine.profile import AblationParams
+from optimizer.errors import UserError
 from optimizer.study.plan import StudyPlan
 from optimizer.study.record import (
     Confirmation,
     TrialResult,
     read_confirmation_baseline,
+    read_confirmations,
+    read_trial,
     write_confirmation,
     write_confirmation_baseline,
 )
-from optimizer.study.steered import SteeredModel
-from optimizer.study.storage import OnceStore
+from optimizer.study.steered import SteeredModel, load_steered, load_study_judge
+from optimizer.study.storage import OnceStore, complete_trial, require_complete
 
 CONFIRM_KL_TOKENS = 16
 
@@ -118,10 +121,6 @@ def confirm_trials(
     plan: StudyPlan, study: optuna.Study, numbers: list[int], log: Callable[[str], None] = lambda _: None
 ) -> dict[int, Confirmation]:
     """Confirm trials ``numbers`` of a study now (those confirmed already are read back)."""
-    from optimizer.study.record import read_confirmations, read_trial
-    from optimizer.study.steered import load_steered
-    from optimizer.study.storage import complete_trial
-    from optimizer.study.worker import load_study_judge
 
     done = read_confirmations(study)
     records = {n: read_trial(complete_trial(study, n)) for n in numbers if n not in done}
@@ -145,8 +144,6 @@ def trial_numbers(study: optuna.Study, which: str) -> list[int]:
 
     A UserError for anything else or a trial that is not complete.
     """
-    from optimizer.errors import UserError
-    from optimizer.study.storage import complete_trial, require_complete
 
     complete = require_complete(study)
     if which == "front":

@@ -22,6 +22,7 @@ from optimizer.engine.directions import (
     measure,
     to_bytes,
 )
+from optimizer.engine.judge import Judge, load_judge
 from optimizer.engine.model import LoadedModel, load_model
 from optimizer.engine.profile import AblationParams
 from optimizer.engine.steering import Steering, install
@@ -158,3 +159,14 @@ def load_trial_model(plan: StudyPlan, study: optuna.Study, number: int, *, steer
     if steer:
         trial_model.steer()
     return trial_model
+
+
+def load_study_judge(plan: StudyPlan, log: Callable[[str], None]) -> Judge | None:
+    """The study's judge model, loaded once per worker (None when markers judge)."""
+    e = plan.config.evaluation
+    if e.judge == "markers":
+        return None
+    log(f"loading the judge {e.judge}")
+    judge = load_judge(e.judge, template=e.judge_template or None, dtype=plan.config.dtype)
+    log(f"judge {e.judge}: {judge.parameters / 1e6:.1f} M parameters, {judge.nbytes / 2**20:.0f} MiB in memory")
+    return judge

@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from optimizer.engine.evaluate import EvalSettings, Evaluator
-from optimizer.engine.judge import Judge, load_judge
+from optimizer.engine.judge import Judge
 from optimizer.engine.model import LoadedModel
 from optimizer.study.config import StudyConfig
 from optimizer.study.confirm import (
@@ -41,7 +41,7 @@ from optimizer.study.record import (
     write_start,
 )
 from optimizer.study.sampling import make_sampler, sampler_settings, suggest
-from optimizer.study.steered import SteeredModel, load_steered
+from optimizer.study.steered import SteeredModel, load_steered, load_study_judge
 from optimizer.study.stopping import pid_alive, stop_reason
 from optimizer.study.storage import (
     MAX_RETRIES,
@@ -111,17 +111,6 @@ def measure_baseline(evaluator: Evaluator, sample_count: int) -> Baseline:
     """The untouched model's scores (steering must be clear)."""
     result = evaluator.refusals()
     return Baseline(result.rate, result.refused, result.total, tuple(result.answers[:sample_count]), result.degenerate)
-
-
-def load_study_judge(plan: StudyPlan, log: Callable[[str], None]) -> Judge | None:
-    """The study's judge model, loaded once per worker (None when markers judge)."""
-    e = plan.config.evaluation
-    if e.judge == "markers":
-        return None
-    log(f"loading the judge {e.judge}")
-    judge = load_judge(e.judge, template=e.judge_template or None, dtype=plan.config.dtype)
-    log(f"judge {e.judge}: {judge.parameters / 1e6:.1f} M parameters, {judge.nbytes / 2**20:.0f} MiB in memory")
-    return judge
 
 
 def start_worker(
