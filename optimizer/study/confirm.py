@@ -25,10 +25,10 @@ from optimizer.study.plan import StudyPlan
 from optimizer.study.record import (
     Confirmation,
     TrialResult,
+    confirmation_key,
     read_confirmation_baseline,
     read_confirmations,
     read_trial,
-    write_confirmation,
     write_confirmation_baseline,
 )
 from optimizer.study.steered import SteeredModel, load_steered, load_study_judge
@@ -81,14 +81,12 @@ class Confirmer:
 def confirm_once(
     store: OnceStore, study: optuna.Study, number: int, compute: Callable[[], Confirmation], log: Callable[[str], None] = lambda _: None
 ) -> Confirmation:
-    """Trial ``number``'s confirmation, computed here only if no worker has, and stored on the study."""
-    payload, computed = store.get_or_compute(
-        f"confirm:{study.study_name}:{number}", lambda: json.dumps(compute().to_dict()).encode(), on_wait=log
+    """Trial ``number``'s confirmation, computed here only if no worker has (stored in the study's
+    compute-once store, where :func:`read_confirmations` finds it)."""
+    payload, _ = store.get_or_compute(
+        confirmation_key(study.study_name, number), lambda: json.dumps(compute().to_dict()).encode(), on_wait=log
     )
-    confirmation = Confirmation.from_dict(json.loads(payload))
-    if computed:
-        write_confirmation(study, number, confirmation)
-    return confirmation
+    return Confirmation.from_dict(json.loads(payload))
 
 
 def confirm_baseline(store: OnceStore, study: optuna.Study, plan: StudyPlan, confirmer: Confirmer) -> Confirmation:

@@ -10,6 +10,7 @@ raw attributes.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -19,10 +20,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from optimizer.engine.profile import AblationParams
+from optimizer.study.storage import done_payloads, study_engine
 
 RECORD_VERSION = 2
 BASELINE_ATTR = "baseline"
-CONFIRMATION_PREFIX = "abopt:confirmed:"  # + trial number: a study system attr, writable any time
 CONFIRMATION_BASELINE_ATTR = "confirm_baseline"
 METRIC_NAMES = ("kl_divergence", "refusal_rate")
 
@@ -253,11 +254,6 @@ def read_baseline(study: optuna.Study) -> Baseline | None:
     return Baseline.from_dict(data) if data else None
 
 
-def write_confirmation(study: optuna.Study, number: int, confirmation: Confirmation) -> None:
-    """Store trial ``number``'s confirmation on the study (a finished trial takes no attributes)."""
-    study._storage.set_study_system_attr(study._study_id, f"{CONFIRMATION_PREFIX}{number}", confirmation.to_dict())
-
-
 def write_confirmation_baseline(study: optuna.Study, baseline: Confirmation) -> None:
     """Store the untouched model's confirmation on the study, once."""
     if CONFIRMATION_BASELINE_ATTR not in study.user_attrs:
@@ -269,13 +265,23 @@ def read_confirmation_baseline(study: optuna.Study) -> Confirmation | None:
     return Confirmation.from_dict(data) if data else None
 
 
+def confirmation_key(study_name: str, number: int) -> str:
+    """Where trial ``number``'s confirmation lives in the study's compute-once store.
+
+    Not on the trial (a finished trial takes no attributes) nor in the study's system
+    attributes (read whole, with every dashboard note, on each read).
+    """
+    return f"confirm:{study_name}:{number}"
+
+
 def read_confirmations(study: optuna.Study) -> dict[int, Confirmation]:
-    """Every confirmation stored on the study, by trial number."""
-    attrs = study._storage.get_study_system_attrs(study._study_id)
+    """Every confirmation of the study's trials, by trial number."""
+    prefix = confirmation_key(study.study_name, 0)[:-1]
+    payloads = done_payloads(study_engine(study), prefix)
     return {
-        int(key.removeprefix(CONFIRMATION_PREFIX)): Confirmation.from_dict(value)
-        for key, value in attrs.items()
-        if key.startswith(CONFIRMATION_PREFIX)
+        int(key.removeprefix(prefix)): Confirmation.from_dict(json.loads(value))
+        for key, value in payloads.items()
+        if key.removeprefix(prefix).isdigit()  # not another study whose name starts like this one's
     }
 
 

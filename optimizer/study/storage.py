@@ -145,6 +145,22 @@ def describe_owner(owner: str) -> str:
     return f"process {process[0]} on {process[1]}" if process else owner
 
 
+def study_engine(study: optuna.Study) -> sa.Engine:
+    """The SQLAlchemy engine under a study's Optuna storage (Optuna wraps it in a cache)."""
+    storage = study._storage
+    return getattr(storage, "_backend", storage).engine
+
+
+def done_payloads(engine: sa.Engine, prefix: str) -> dict[str, bytes]:
+    """The compute-once store's finished payloads under ``prefix`` ({} where it has no table yet)."""
+    query = sa.select(_table.c.key, _table.c.payload).where(_table.c.key.startswith(prefix, autoescape=True), _table.c.status == "done")
+    try:
+        with engine.connect() as connection:
+            return {row.key: row.payload for row in connection.execute(query)}
+    except sa.exc.OperationalError:
+        return {}  # a database abopt never cached anything in
+
+
 class OnceStore:
     """Byte payloads keyed by fingerprint, each computed by exactly one worker."""
 
@@ -159,6 +175,10 @@ class OnceStore:
                 sa.select(_table.c.status, _table.c.payload).where(_table.c.key == key)
             ).first()
         return row.payload if row is not None and row.status == "done" else None
+
+    def payloads(self, prefix: str) -> dict[str, bytes]:
+        """Every computed payload whose key starts with ``prefix``, by key."""
+        return done_payloads(self.engine, prefix)
 
     def computations(self, key: str) -> int:
         """How many times ``key`` was computed and stored (1 when all went well)."""
