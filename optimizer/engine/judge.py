@@ -147,7 +147,8 @@ def load_judge(source: str = BUNDLED, *, template: str | None = None, dtype: str
     if source == BUNDLED:
         if not (BUNDLED_JUDGE / "config.json").exists():
             raise UserError(
-                f"the bundled judge is missing from {BUNDLED_JUDGE}; reinstall abopt or run scripts/train_judge.py"
+                f"the bundled judge is not installed ({BUNDLED_JUDGE} has no model); "
+                'use judge = "markers" or a judge model (a path or a Hugging Face id)'
             )
         path = str(BUNDLED_JUDGE)
     else:
