@@ -159,17 +159,18 @@ class _Skip(optuna.TrialPruned):
 
 def _objective(worker: Worker, target: int) -> Callable[[optuna.Trial], tuple[float, float]]:
     def objective(trial: optuna.Trial) -> tuple[float, float]:
-        write_start(trial, WorkerInfo.this_process(worker.index))
-        # Workers ask for trials concurrently: the lowest-numbered ones up to the target
-        # run, any beyond it are dropped, so the study ends with exactly `target` trials.
-        earlier = [
-            t
-            for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-            if t.number < trial.number
-        ]
-        if len(earlier) >= target:
-            raise _Skip(f"the study already has {len(earlier)} complete or running trials")
+        # A stop can land on any line: wherever it does, the trial is failed and re-queued.
         try:
+            write_start(trial, WorkerInfo.this_process(worker.index))
+            # Workers ask for trials concurrently: the lowest-numbered ones up to the target
+            # run, any beyond it are dropped, so the study ends with exactly `target` trials.
+            earlier = [
+                t
+                for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                if t.number < trial.number
+            ]
+            if len(earlier) >= target:
+                raise _Skip(f"the study already has {len(earlier)} complete or running trials")
             result = run_trial(worker, trial)
             write_result(trial, result)
             confirmation = confirm_if_on_front(worker, trial, result)
