@@ -31,10 +31,15 @@ from optimizer import DATA
 from optimizer.engine.markers import load_markers
 from optimizer.engine.model import (
     chat_tokens,
+    common_prefix_length,
     forward,
     last_positions_only,
     load_model,
+    logits_at,
     pad_left,
+    pad_right,
+    prefix_cache,
+    repeat_cache,
 )
 from optimizer.engine.verdicts import (
     VERDICTS,
@@ -47,8 +52,12 @@ from optimizer.errors import UserError
 BUNDLED = "bundled"
 BUNDLED_JUDGE = DATA / "judge"
 BUNDLED_TEMPLATE = DATA / "judge_prompt.txt"
+# A judge model directory may hold the template it was trained on, its default: the bundled
+# judge's has none of the question a chat model needs.
+OWN_TEMPLATE = "judge_prompt.txt"
 PLACEHOLDERS = ("{request}", "{answer}")
 THRESHOLD = 0.5  # a score at or above it means the answer complied
+MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth a cache of their own
 
 _PLACEHOLDER = re.compile(r"\{(request|answer)\}")
 
@@ -75,14 +84,15 @@ class Judge:
         return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
 
-def load_template(source: str | None = None, *, base_dir: Path | None = None) -> str:
-    """The judge's prompt template: the bundled one (None or "bundled") or a text file.
+def load_template(source: str | None = None, *, base_dir: Path | None = None, judge: str | None = None) -> str:
+    """The judge's prompt template: the default (None or "bundled") or a text file.
 
     The template is plain text with a ``{request}`` and an ``{answer}`` placeholder; it
-    becomes the judge's user message.
+    becomes the judge's user message. The default is the one a judge model directory
+    (``judge``: "bundled" or a path) was trained on, if it has one, else the bundled template.
     """
     if source is None or source == BUNDLED:
-        path = BUNDLED_TEMPLATE
+        path = own_template(judge) or BUNDLED_TEMPLATE
     else:
         path = Path(source).expanduser()
         if base_dir is not None and not path.is_absolute():
@@ -103,6 +113,15 @@ def load_template(source: str | None = None, *, base_dir: Path | None = None) ->
             "write the request as {request} and the answer as {answer} in it"
         )
     return text
+
+
+def own_template(judge: str | None) -> Path | None:
+    """The template a judge model directory carries (``judge_prompt.txt``), if any."""
+    if not judge or judge == "markers":
+        return None
+    folder = BUNDLED_JUDGE if judge == BUNDLED else Path(judge).expanduser()
+    path = folder / OWN_TEMPLATE
+    return path if path.is_file() else None
 
 
 def fill_template(template: str, request: str, answer: str) -> str:
@@ -142,7 +161,8 @@ def yes_no_ids(tokenizer: TokenizerWrapper) -> tuple[int, int]:
 def load_judge(source: str = BUNDLED, *, template: str | None = None, dtype: str = "auto") -> Judge:
     """Load a judge: "bundled" (the tiny bundled judge), a model directory or a Hugging Face id.
 
-    ``template`` is a template file (default: the bundled template).
+    ``template`` is a template file (default: the judge directory's own ``judge_prompt.txt``,
+    else the bundled template).
     """
     if source == BUNDLED:
         if not (BUNDLED_JUDGE / "config.json").exists():
@@ -153,7 +173,7 @@ def load_judge(source: str = BUNDLED, *, template: str | None = None, dtype: str
         path = str(BUNDLED_JUDGE)
     else:
         path = source
-    text = load_template(template)
+    text = load_template(template, judge=source)
     loaded = load_model(path, dtype=dtype)
     yes_id, no_id = yes_no_ids(loaded.tokenizer)
     return Judge(loaded.model, loaded.tokenizer, text, source, yes_id, no_id)
@@ -165,33 +185,53 @@ def judge_tokens(judge: Judge, request: str, answer: str) -> list[int]:
 
 
 def judge_scores(
-    judge: Judge, requests: Sequence[str], answers: Sequence[str], *, batch_size: int = 32
+    judge: Judge, requests: Sequence[str], answers: Sequence[str], *, batch_size: int = 32, share_prefix: bool = True
 ) -> np.ndarray:
     """P(complied) for each (request, answer) pair, float32, in the order given.
 
-    One forward pass per batch of left-padded pairs (similar lengths batched together),
-    reading only the last position's logits.
+    One forward pass per batch of pairs (similar lengths batched together), reading only
+    the last real position's logits. The tokens every pair shares (the chat template's
+    header and the template's text before the first placeholder) run once: each batch
+    continues from their KV cache (``share_prefix=False`` recomputes them per pair).
     """
     if len(requests) != len(answers):
         raise ValueError(f"{len(requests)} requests but {len(answers)} answers")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     encoded = [judge_tokens(judge, r, a) for r, a in zip(requests, answers)]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     scores = np.empty(len(encoded), dtype=np.float32)
-    pad_id = judge.tokenizer.pad_token_id or 0
-    verdicts = mx.array([judge.yes_id, judge.no_id])
-    with last_positions_only(judge.model, 1):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            tokens, padding = pad_left([encoded[i] for i in rows], pad_id)
-            logits = forward(judge.model, tokens, padding)[:, -1, :]
-            pair = logits[:, verdicts].astype(mx.float32)
-            # P(Yes) / (P(Yes) + P(No)): the softmax's normaliser cancels out.
-            score = mx.sigmoid(pair[:, 0] - pair[:, 1])
-            mx.eval(score)
-            scores[rows] = np.array(score)
+    if not encoded:
+        return scores
+    # Every row keeps at least its last token to compute.
+    shared = min(common_prefix_length(encoded), min(len(e) for e in encoded) - 1) if share_prefix and len(encoded) > 1 else 0
+    prefix = prefix_cache(judge.model, encoded[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        if prefix is None:
+            pair = _verdict_logits(judge, [encoded[i] for i in rows])
+        else:
+            pair = _verdict_logits_after(judge, [encoded[i][shared:] for i in rows], prefix)
+        # P(Yes) / (P(Yes) + P(No)): the softmax's normaliser cancels out.
+        score = mx.sigmoid(pair[:, 0] - pair[:, 1])
+        mx.eval(score)
+        scores[rows] = np.array(score)
     return scores
+
+
+def _verdict_logits(judge: Judge, sequences: list[list[int]]) -> mx.array:
+    """(B, 2) logits of Yes and No after each whole sequence, left-padded."""
+    tokens, padding = pad_left(sequences, judge.tokenizer.pad_token_id or 0)
+    with last_positions_only(judge.model, 1):
+        logits = forward(judge.model, tokens, padding)[:, -1, :]
+    return logits[:, mx.array([judge.yes_id, judge.no_id])].astype(mx.float32)
+
+
+def _verdict_logits_after(judge: Judge, suffixes: list[list[int]], prefix: list) -> mx.array:
+    """(B, 2) logits of Yes and No after each suffix, continuing the shared prefix's cache."""
+    tokens, last = pad_right(suffixes, judge.tokenizer.pad_token_id or 0)
+    logits = logits_at(judge.model, tokens, last, repeat_cache(prefix, len(suffixes)))
+    return logits[:, mx.array([judge.yes_id, judge.no_id])].astype(mx.float32)
 
 
 def complied(scores: np.ndarray) -> np.ndarray:

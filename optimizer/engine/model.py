@@ -392,7 +392,10 @@ def final_norm(model: nn.Module) -> tuple[nn.Module, str] | None:
 
 
 def _slice_hook(norm: nn.Module, base_call: Any, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
-    return base_call(norm, x[:, -norm._abopt_keep :], *args, **kwargs)
+    at = norm._abopt_keep
+    if isinstance(at, int):
+        return base_call(norm, x[:, -at:], *args, **kwargs)
+    return base_call(norm, mx.take_along_axis(x, at[:, None, None], axis=1), *args, **kwargs)
 
 
 @contextmanager
@@ -413,3 +416,59 @@ def last_positions_only(model: nn.Module, keep: int) -> Iterator[None]:
         yield
     finally:
         unpatch(norm)
+
+
+def logits_at(model: nn.Module, tokens: mx.array, index: mx.array, cache: list[Any] | None = None) -> mx.array:
+    """Logits (B, V) at one position per row (``index``), e.g. the last real token of a
+    right-padded batch; the LM head only runs on those positions when the final norm is found."""
+    found = final_norm(model)
+    if found is None:
+        logits = model(tokens, cache=cache)
+        return mx.take_along_axis(logits, index[:, None, None], axis=1)[:, 0]
+    norm, _ = found
+    set_private(norm, _abopt_keep=index)
+    patch(norm, _slice_hook)
+    try:
+        return model(tokens, cache=cache)[:, 0]
+    finally:
+        unpatch(norm)
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence shares."""
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    return n
+
+
+def prefix_cache(model: nn.Module, tokens: Sequence[int]) -> list[Any] | None:
+    """The KV cache of one prompt prefix (batch 1), or None when the model's cache layout
+    cannot be shared that way (sliding windows, recurrent state)."""
+    cache = mlx_cache.make_prompt_cache(model)
+    if any(type(c) is not mlx_cache.KVCache for c in cache):
+        return None
+    model(mx.array([list(tokens)], dtype=mx.int32), cache=cache)
+    mx.eval([c.keys_and_values() for c in cache])
+    return cache
+
+
+def repeat_cache(cache: list[Any], rows: int) -> list[Any]:
+    """A fresh batch of ``rows`` caches, each starting from the same prefix."""
+    copies = []
+    for c in cache:
+        keys, values = c.keys_and_values()
+        copy = mlx_cache.KVCache()
+        copy.state = (mx.repeat(keys, rows, axis=0), mx.repeat(values, rows, axis=0), c.offset)
+        copies.append(copy)
+    return copies
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[mx.array, mx.array]:
+    """Right-pad token sequences into one (B, T) array; returns it with each row's last index.
+
+    Under a causal mask the padding comes after every real token, so no row sees it.
+    """
+    longest = max(len(s) for s in sequences)
+    rows = [list(s) + [pad_id] * (longest - len(s)) for s in sequences]
+    return mx.array(rows, dtype=mx.int32), mx.array([len(s) - 1 for s in sequences], dtype=mx.int32)

@@ -105,7 +105,7 @@ def plan(config: StudyConfig, storage_url: str) -> StudyPlan:
     markers = load_markers(config.evaluation.markers, base_dir=config.base_dir)
     e = config.evaluation
     # The template's text, not its path, is what scores a trial.
-    judge_template = load_template(e.judge_template or None) if e.judge != "markers" else ""
+    judge_template = load_template(e.judge_template or None, judge=e.judge) if e.judge != "markers" else ""
     signature = {
         "model": config.model,
         "model_identity": model_identity(path),
