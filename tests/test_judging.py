@@ -12,7 +12,7 @@ import pytest
 from conftest import run_abopt, user_error, write_study
 from optimizer.engine.directions import measure
 from optimizer.engine.evaluate import EvalSettings, Evaluator
-from optimizer.engine.judge import BUNDLED_JUDGE, load_judge
+from optimizer.engine.judge import load_judge
 from optimizer.engine.markers import find_refusal, load_markers
 from optimizer.engine.model import chat_tokens, load_model
 from optimizer.engine.prompts import load_prompts
@@ -21,7 +21,7 @@ from optimizer.study.config import load_study
 from optimizer.study.plan import SIGNATURE_ATTR, open_or_create, plan
 from optimizer.study.record import read_confirmations
 
-JUDGES = ["markers"] + (["bundled"] if (BUNDLED_JUDGE / "config.json").exists() else [])
+JUDGES = ["markers", "bundled"]
 
 
 @pytest.fixture(scope="module")
