@@ -18,6 +18,8 @@ import numpy as np
 
 from optimizer.engine.judge import Judge, answer_verdicts
 from optimizer.engine.markers import find_refusal
+from optimizer.engine.replay import LayerRecord, Replay, recording, replaying
+from optimizer.engine.verdicts import is_degenerate, marker_verdict, strip_thinking
 from optimizer.engine.model import (
     LoadedModel,
     batch_cache,
@@ -39,6 +41,10 @@ class EvalSettings:
     batch_size: int = 0  # 0: sized to memory, halved on out-of-memory
     system_prompt: str = ""
     thinking: bool = False  # what a reasoning model's chat template is told
+    # Bytes the evaluator may keep of the untouched model's leading layers (their outputs on
+    # the eval prompts and their prefill KV caches) so that a trial starts at its first
+    # steered layer; 0: none, every pass runs every layer.
+    replay_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,8 @@ class RefusalResult:
     # prefill first, then one per decode step): what the benchmark replays as its floor.
     step_sizes: tuple[tuple[int, ...], ...] = field(default=(), compare=False, repr=False)
     judge_seconds: float = field(default=0.0, compare=False)
+    # Stopped early (see Evaluator.refusals's give_up): answers not judged have verdict "".
+    screened: bool = False
 
     @property
     def refused(self) -> int:
@@ -71,12 +79,25 @@ class RefusalResult:
         return len(self.verdicts)
 
     @property
+    def judged(self) -> int:
+        """Answers with a verdict: all of them unless the stage was screened."""
+        return self.total - self.verdicts.count("")
+
+    @property
     def rate(self) -> float:
-        """The share not complied with (refused or degenerate): the refusal objective."""
-        return (self.total - self.complied) / self.total if self.total else 0.0
+        """The share not complied with (refused or degenerate): the refusal objective.
+
+        Of a screened result, the share known so far: a bound the full rate cannot beat."""
+        return (self.refused + self.degenerate) / self.total if self.total else 0.0
 
 
 StopFn = Callable[[list[int], list[list[int]]], list[bool]]
+FinishedFn = Callable[[list[int], list[list[int]]], None]
+GiveUpFn = Callable[[int], bool]
+
+
+class _GaveUp(Exception):
+    """Raised inside a generation when its trial cannot reach the front any more."""
 
 
 def greedy_generate(
@@ -86,13 +107,18 @@ def greedy_generate(
     max_new_tokens: int,
     stop: StopFn | None = None,
     step_sizes: list[int] | None = None,
+    finished: FinishedFn | None = None,
+    record: LayerRecord | None = None,
+    start: int = 0,
 ) -> tuple[list[list[int]], int]:
     """Greedy continuations of a batch of token prompts, with one shared KV cache.
 
     A row stops at EOS (not included), when ``stop(rows, tokens)`` says so (the token that
     triggered it is kept), or after ``max_new_tokens``; the batch ends when all rows
     stopped, and stopped rows leave the batch. Returns the tokens and the number of
-    decode steps run; ``step_sizes``, if given, gets the batch size of each forward pass.
+    decode steps run; ``step_sizes``, if given, gets the batch size of each forward pass,
+    and ``finished(rows, tokens)`` hears of the rows that stopped after each step. The
+    prefill takes layers ``0 … start − 1`` from ``record`` (see :mod:`replay`).
     """
     model, eos = loaded.model, loaded.tokenizer.eos_token_ids
     tokens, padding = pad_left(prompts, loaded.tokenizer.pad_token_id or 0)
@@ -101,7 +127,8 @@ def greedy_generate(
     active = list(range(len(prompts)))
     steps = 0
     with last_positions_only(model, 1):
-        logits = model(tokens, cache=cache)
+        with replaying(loaded.layers, record, start, cache):
+            logits = model(tokens, cache=cache)
         if step_sizes is not None:
             step_sizes.append(len(active))
         while True:
@@ -119,6 +146,10 @@ def greedy_generate(
                 rows = [active[p] for p in still]
                 halted = stop(rows, [outputs[r] for r in rows])
                 still = [p for p, done in zip(still, halted) if not done]
+            if finished is not None and len(still) < len(active):
+                kept = set(still)
+                done_rows = [row for p, row in enumerate(active) if p not in kept]
+                finished(done_rows, [outputs[r] for r in done_rows])
             if not still:
                 break
             if len(still) < len(active):
@@ -154,7 +185,15 @@ class Evaluator:
         self.harmful_tokens = [chat_tokens(loaded.tokenizer, p, system, thinking) for p in harmful]
         self.harmless_tokens = [chat_tokens(loaded.tokenizer, p, system, thinking) for p in harmless]
         self.batch_size = settings.batch_size or auto_batch_size(loaded, self.harmful_tokens + self.harmless_tokens)
+        # Layer outputs of the untouched model kept for trials to start later (see replay.py):
+        # recorded with the reference distributions and one prefill per refusal batch.
+        self.kl_replay = Replay(replay_depth(loaded, self.harmful_tokens, self.harmless_tokens, settings))
+        self.prefill_replay = Replay(self.kl_replay.depth)
         self._kl_inputs, self._kl_valid, self._reference = self._with_backoff(self._reference_distributions)
+        if self.kl_replay.depth:
+            self._with_backoff(self._record_prefills)
+            if not self._replay_matches():
+                self.kl_replay, self.prefill_replay = Replay(0), Replay(0)
 
     def _with_backoff(self, compute: Callable[[], T]) -> T:
         """``compute()``, halving the batch size and retrying whenever memory runs out."""
@@ -182,7 +221,7 @@ class Evaluator:
                 valid[row, len(answer) + 1 :] = 0.0
                 filler = answer[-1:] or inputs[row][-1:]
                 inputs[row] = inputs[row] + (answer + filler * k)[: k - 1]
-        rows, logits = zip(*self._kl_logits(inputs))
+        rows, logits = zip(*self._kl_logits(inputs, record=True))
         order = mx.array(np.argsort(np.concatenate(rows)))  # back to prompt order
         logits = mx.concatenate(logits)[order]
         reference = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -190,24 +229,74 @@ class Evaluator:
         mx.eval(reference, mask)
         return inputs, mask, reference
 
-    def _kl_logits(self, inputs: list[list[int]]) -> Iterator[tuple[list[int], mx.array]]:
+    def _kl_logits(self, inputs: list[list[int]], *, start: int = 0, record: bool = False) -> Iterator[tuple[list[int], mx.array]]:
         """Each batch's rows and float32 logits at its last ``kl_tokens`` positions, evaluated
-        batch by batch (so a stop request lands between two forward passes)."""
-        k = self.settings.kl_tokens
-        with last_positions_only(self.loaded.model, k):
+        batch by batch (so a stop request lands between two forward passes).
+
+        ``start``: layers before it are replayed from the untouched model's; ``record``:
+        this pass is the untouched model's, and its leading layers are kept for replay."""
+        k, model, layers = self.settings.kl_tokens, self.loaded.model, self.loaded.layers
+        replay = self.kl_replay
+        with last_positions_only(model, k):
             for rows in self._batches(inputs, cap_padding=True):
                 tokens, padding = pad_left([inputs[r] for r in rows], self.loaded.tokenizer.pad_token_id or 0)
-                logits = self.loaded.model(tokens, cache=batch_cache(self.loaded.model, padding))[:, -k:, :].astype(mx.float32)
+                if record and replay.depth:
+                    with recording(layers, replay.depth) as records:
+                        logits = model(tokens, cache=batch_cache(model, padding))[:, -k:, :].astype(mx.float32)
+                    mx.eval(logits, [r.outputs for r in records])
+                    replay.records.update({tuple(rows): r for r in records})
+                else:
+                    with replaying(layers, replay.get(rows), start):
+                        logits = model(tokens, cache=batch_cache(model, padding))[:, -k:, :].astype(mx.float32)
                 mx.eval(logits)
                 yield rows, logits
 
-    def kl_divergence(self) -> float:
-        """Mean KL(original ‖ steered) of next-token distributions on the harmless prompts."""
-        return self._with_backoff(self._kl_divergence)
+    def _record_prefills(self) -> None:
+        """The untouched model's refusal prefills, their leading layers kept for replay."""
+        model, layers, replay = self.loaded.model, self.loaded.layers, self.prefill_replay
+        replay.records.clear()
+        with last_positions_only(model, 1):
+            for rows in self._batches(self.harmful_tokens):
+                tokens, padding = pad_left([self.harmful_tokens[r] for r in rows], self.loaded.tokenizer.pad_token_id or 0)
+                cache = batch_cache(model, padding)
+                with recording(layers, replay.depth, cache) as records:
+                    logits = model(tokens, cache=cache)
+                mx.eval(logits, [(r.outputs, r.kv) for r in records])
+                replay.records.update({tuple(rows): r for r in records})
 
-    def _kl_divergence(self) -> float:
+    def _replay_matches(self) -> bool:
+        """Whether this architecture replays exactly: the untouched model's first KL batch,
+        and its first refusal prefill and decode step, started at the deepest kept layer,
+        give the logits of the full passes (a model whose layers depend on each other in
+        other ways than through the residual stream and their own caches would not)."""
+        model, layers, depth = self.loaded.model, self.loaded.layers, self.kl_replay.depth
+        pad_id = self.loaded.tokenizer.pad_token_id or 0
+        rows = self._batches(self._kl_inputs, cap_padding=True)[0]
+        _, replayed = next(self._kl_logits(self._kl_inputs, start=depth))
+        replayed = replayed - mx.logsumexp(replayed, axis=-1, keepdims=True)  # the reference holds log-probs
+        if not mx.allclose(replayed, self._reference[mx.array(rows)], atol=1e-5, rtol=0).item():
+            return False
+        rows = self._batches(self.harmful_tokens)[0]
+        tokens, padding = pad_left([self.harmful_tokens[r] for r in rows], pad_id)
+        logits = []
+        for start in (0, depth):
+            cache = batch_cache(model, padding)
+            with last_positions_only(model, 1), replaying(layers, self.prefill_replay.get(rows), start, cache):
+                first = model(tokens, cache=cache)
+            step = model(mx.argmax(first[:, -1:, :], axis=-1), cache=cache)
+            logits.append(mx.concatenate([first[:, -1, :], step[:, -1, :]]))
+        return bool(mx.allclose(logits[0], logits[1], atol=1e-5, rtol=0).item())
+
+    def kl_divergence(self, *, start: int = 0) -> float:
+        """Mean KL(original ‖ steered) of next-token distributions on the harmless prompts.
+
+        ``start``: the first layer the steering touches; layers before it are replayed
+        (when kept) rather than computed."""
+        return self._with_backoff(lambda: self._kl_divergence(start))
+
+    def _kl_divergence(self, start: int) -> float:
         per_prompt = []
-        for rows, logits in self._kl_logits(self._kl_inputs):
+        for rows, logits in self._kl_logits(self._kl_inputs, start=start):
             index = mx.array(rows)
             reference, mask = self._reference[index], self._kl_valid[index]
             steered = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -218,15 +307,22 @@ class Evaluator:
 
     # -- answers and verdicts ------------------------------------------------------------
 
-    def refusals(self) -> RefusalResult:
-        """Greedy answers to the harmful prompts, and their verdicts."""
-        return self._with_backoff(lambda: self._answers(self.harmful_tokens, self.harmful_prompts))
+    def refusals(self, *, start: int = 0, give_up: GiveUpFn | None = None) -> RefusalResult:
+        """Greedy answers to the harmful prompts, and their verdicts.
+
+        ``start``: the first layer the steering touches (earlier ones are replayed in the
+        prefill when kept). ``give_up(n)``: whether ``n`` answers known not to comply
+        already make the trial not worth finishing; asked before generating and whenever
+        answers finish, it stops the stage at the first yes (a ``screened`` result)."""
+        return self._with_backoff(lambda: self._answers(self.harmful_tokens, self.harmful_prompts, start, give_up))
 
     def harmless_answers(self) -> RefusalResult:
         """Greedy answers to the harmless prompts, and their verdicts (refused: over-refusal)."""
         return self._with_backoff(lambda: self._answers(self.harmless_tokens, self.harmless_prompts))
 
-    def _answers(self, prompts: list[list[int]], requests: tuple[str, ...]) -> RefusalResult:
+    def _answers(
+        self, prompts: list[list[int]], requests: tuple[str, ...], start: int = 0, give_up: GiveUpFn | None = None
+    ) -> RefusalResult:
         tokenizer, markers = self.loaded.tokenizer, self.markers
 
         def refused(sequences: list[list[int]]) -> list[bool]:
@@ -236,24 +332,51 @@ class Evaluator:
         # (a marker can be a false positive, and a refusal can come after a helpful start).
         stop = None if self.judge is not None else (lambda _, sequences: refused(sequences))
         answers = [""] * len(prompts)
+        known = [""] * len(prompts)  # verdicts of finished answers, as far as they are sure
+        lengths: dict[int, int] = {}
+
+        def finished(rows: list[int], sequences: list[list[int]]) -> None:
+            for row, text, sequence in zip(rows, tokenizer.batch_decode(sequences), sequences):
+                answers[row], lengths[row] = text, len(sequence)
+                # A finished answer's text is final, and so is its verdict by markers; with
+                # a judge only "degenerate" is sure before the judge reads it.
+                if self.judge is None:
+                    known[row] = marker_verdict(text, markers)
+                elif is_degenerate(strip_thinking(text)):
+                    known[row] = "degenerate"
+            if give_up(len(prompts) - known.count("") - known.count("complied")):
+                raise _GaveUp
+
         generated = 0
         step_sizes: list[tuple[int, ...]] = []
-        for rows in self._batches(prompts):
-            sizes: list[int] = []
-            outputs, _ = greedy_generate(
-                self.loaded,
-                [prompts[r] for r in rows],
-                max_new_tokens=self.settings.max_new_tokens,
-                stop=stop,
-                step_sizes=sizes,
-            )
-            step_sizes.append(tuple(sizes))
-            for row, text, output in zip(rows, tokenizer.batch_decode(outputs), outputs):
-                answers[row] = text
-                generated += len(output)
-        start = time.perf_counter()
+        replay = self.prefill_replay if prompts is self.harmful_tokens else Replay(0)
+        try:
+            if give_up is not None and give_up(0):
+                raise _GaveUp
+            for rows in self._batches(prompts):
+                sizes: list[int] = []
+                try:
+                    outputs, _ = greedy_generate(
+                        self.loaded,
+                        [prompts[r] for r in rows],
+                        max_new_tokens=self.settings.max_new_tokens,
+                        stop=stop,
+                        step_sizes=sizes,
+                        finished=None if give_up is None else lambda done, seqs, rows=rows: finished([rows[d] for d in done], seqs),
+                        record=replay.get(rows),
+                        start=start,
+                    )
+                finally:
+                    step_sizes.append(tuple(sizes))
+                for row, text, output in zip(rows, tokenizer.batch_decode(outputs), outputs):
+                    answers[row] = text
+                    generated += len(output)
+        except _GaveUp:
+            # The answers that finished, with what is known of them; the others stay "".
+            return RefusalResult(tuple(known), tuple(answers), sum(lengths.values()), None, tuple(step_sizes), screened=True)
+        judge_start = time.perf_counter()
         verdicts, scores = self.verdicts(requests, answers)
-        return RefusalResult(verdicts, tuple(answers), generated, scores, tuple(step_sizes), time.perf_counter() - start)
+        return RefusalResult(verdicts, tuple(answers), generated, scores, tuple(step_sizes), time.perf_counter() - judge_start)
 
     def verdicts(self, requests: Sequence[str], answers: Sequence[str]) -> tuple[tuple[str, ...], tuple[float, ...] | None]:
         """Each answer's verdict, and the judge's scores (None when markers judge).
@@ -327,6 +450,26 @@ def auto_batch_size(loaded: LoadedModel, prompts: Sequence[Sequence[int]]) -> in
     per_row = longest * 4 * (2 * layers * heads * head_dim + 4 * intermediate + 4 * loaded.hidden_size)
     budget = _available_memory() // 4
     return int(max(1, min(MAX_AUTO_BATCH, budget // max(per_row, 1))))
+
+
+def replay_budget() -> int:
+    """Bytes a worker may keep of the leading layers' outputs: a quarter of free memory."""
+    return _available_memory() // 4
+
+
+def replay_depth(loaded: LoadedModel, harmful: Sequence[Sequence[int]], harmless: Sequence[Sequence[int]], settings: EvalSettings) -> int:
+    """How many leading layers' outputs (and prefill KV caches) fit in ``settings.replay_bytes``."""
+    if settings.replay_bytes <= 0 or loaded.n_layers < 2:
+        return 0
+    config = loaded.config.get("text_config", loaded.config)
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or loaded.hidden_size // (config.get("num_attention_heads") or 1)
+    kl_positions = sum(len(p) + settings.kl_tokens - 1 for p in harmless)
+    prefill_positions = sum(len(p) for p in harmful)
+    itemsize = 4 if loaded.dtype == "float32" else 2
+    # Padding to the longest prompt of a batch: at most half again as many positions.
+    per_layer = 1.5 * itemsize * ((kl_positions + prefill_positions) * loaded.hidden_size + prefill_positions * 2 * heads * head_dim)
+    return int(min(loaded.n_layers - 1, settings.replay_bytes // max(per_layer, 1)))
 
 
 def _available_memory() -> int:
