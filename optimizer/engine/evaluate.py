@@ -461,15 +461,20 @@ def replay_depth(loaded: LoadedModel, harmful: Sequence[Sequence[int]], harmless
     """How many leading layers' outputs (and prefill KV caches) fit in ``settings.replay_bytes``."""
     if settings.replay_bytes <= 0 or loaded.n_layers < 2:
         return 0
+    per_layer = replay_layer_bytes(loaded, harmful, harmless, settings.kl_tokens)
+    return int(min(loaded.n_layers - 1, settings.replay_bytes // max(per_layer, 1)))
+
+
+def replay_layer_bytes(loaded: LoadedModel, harmful: Sequence[Sequence[int]], harmless: Sequence[Sequence[int]], kl_tokens: int) -> int:
+    """At most what keeping one more leading layer for replay takes, in bytes."""
     config = loaded.config.get("text_config", loaded.config)
     heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or 1
     head_dim = config.get("head_dim") or loaded.hidden_size // (config.get("num_attention_heads") or 1)
-    kl_positions = sum(len(p) + settings.kl_tokens - 1 for p in harmless)
+    kl_positions = sum(len(p) + kl_tokens - 1 for p in harmless)
     prefill_positions = sum(len(p) for p in harmful)
     itemsize = 4 if loaded.dtype == "float32" else 2
     # Padding to the longest prompt of a batch: at most half again as many positions.
-    per_layer = 1.5 * itemsize * ((kl_positions + prefill_positions) * loaded.hidden_size + prefill_positions * 2 * heads * head_dim)
-    return int(min(loaded.n_layers - 1, settings.replay_bytes // max(per_layer, 1)))
+    return int(1.5 * itemsize * ((kl_positions + prefill_positions) * loaded.hidden_size + prefill_positions * 2 * heads * head_dim))
 
 
 def _available_memory() -> int:
