@@ -67,7 +67,7 @@ def test_replayed_layers_give_the_logits_and_answers_of_full_passes(organism):
     steering.clear()
     full, fast = evaluator(loaded), evaluator(loaded, replay_bytes=1 << 30)
     assert full.kl_replay.depth == 0 and fast.kl_replay.depth == fast.prefill_replay.depth == loaded.n_layers - 1
-    assert len(fast.prefill_replay.records) == len(fast.generation_batches()) > 1
+    assert len(fast.prefill_replay.records) == sum(map(len, fast.generation_batches())) > 1
     try:
         for start in (1, 4, loaded.n_layers - 1):
             profile = steer_from(steering, directions, start, loaded.n_layers)
@@ -202,3 +202,80 @@ def test_screening_and_replay_on_or_off_give_the_same_front_with_a_kl_ceiling(tm
     assert listed["screened"].startswith("screened after") and not listed["on_front"]
     report = run_abopt("report", tmp_path / "on.toml", "--html", tmp_path / "r.html", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
+
+
+@pytest.mark.slow
+def test_two_screening_workers_find_the_front_one_full_worker_finds(tmp_path):
+    # The same parameters in both studies (queued): whichever worker scores which, and
+    # whatever the other worker completed meanwhile, the front must be that of full scoring.
+    rng = np.random.default_rng(1)
+    queued = [
+        {"direction_scope": "per_layer"}
+        | {f"{c}.{k}": float(rng.uniform(*r)) for c in ("attn", "mlp") for k, r in (
+            ("max_weight", (0.8, 1.5)), ("max_weight_position", (4.2, 7.0)),
+            ("min_weight_fraction", (0.0, 1.0)), ("min_weight_distance", (1.0, 4.2)))}
+        for _ in range(12)
+    ]
+    fronts = {}
+    for name, on, workers in (("off", False, 1), ("on", True, 2)):
+        study_file = write_study(
+            tmp_path, "organism", name=name, n_trials=1, search_space="default",
+            prompts={"n_measure": 32, "n_eval": 24, "system_prompt": SYSTEM},
+            evaluation={"max_new_tokens": 32, "confirm_tokens": 0, "replay_layers": on},
+            optimization={"n_startup_trials": 1, "screening": on},
+        )
+        assert run_abopt("run", study_file, cwd=tmp_path).returncode == 0
+        storage = f"sqlite:///{tmp_path / (name + '.db')}"
+        study = optuna.load_study(study_name=name, storage=storage)
+        for params in queued:
+            study.enqueue_trial(params)
+        result = run_abopt("run", study_file, "--n-trials", str(1 + len(queued)), "--workers", str(workers), cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        complete = study.get_trials(states=(TrialState.COMPLETE,))
+        assert len(complete) == 1 + len(queued)
+        if on:
+            assert {t.user_attrs["worker"]["index"] for t in complete[1:]} == {1, 2}
+            assert any("screened" in t.user_attrs for t in complete), "nothing screened: the test shows nothing"
+        fronts[name] = _front(storage, name)
+    assert fronts["on"] == fronts["off"]
+
+
+@pytest.mark.parametrize("quant", ["q4", "mxfp4"])
+def test_a_quantized_model_searched_on_a_cpu_computes_with_the_same_weight_values_unpacked(saved_model, quant):
+    import mlx.nn as nn
+
+    from optimizer.engine.model import compute_path, pad_left
+
+    path = str(saved_model("llama", quant))
+    packed, unpacked = load_model(path), load_model(path, unpack=True)
+    assert not packed.unpacked and unpacked.unpacked
+    assert "packed quantized weights" in compute_path(packed) and "dequantized float32" in compute_path(unpacked)
+    for target, same in zip(packed.targets, unpacked.targets):
+        assert isinstance(target.module, nn.QuantizedLinear) and type(same.module) is nn.Linear
+        assert same.path == target.path
+        m = target.module
+        values = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=m.mode)
+        assert mx.array_equal(same.module.weight, values)
+    tokens, padding = pad_left([[5, 9, 11, 3], [7, 2]])
+    logits = [loaded.model(tokens) for loaded in (packed, unpacked)]
+    scale = mx.abs(logits[0]).max().item()
+    assert mx.abs(logits[0] - logits[1]).max().item() <= 1e-4 * scale
+
+
+def test_kl_batches_have_the_fewest_padded_positions_a_batch_limit_allows():
+    from itertools import combinations
+
+    from optimizer.engine.evaluate import least_padding
+
+    lengths = sorted([31, 32, 32, 35, 36, 41, 44, 57, 58, 65, 70, 81])
+
+    def cost(batches):
+        return sum(len(b) * max(lengths[i] for i in b) + 10 for b in batches)
+
+    batches = least_padding(lengths, 4, overhead=10)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths))) and max(map(len, batches)) <= 4
+    # Every way to cut the sorted lengths into runs of at most 4 costs at least as much.
+    cuts = [c for k in range(2, len(lengths)) for c in combinations(range(1, len(lengths)), k)]
+    runs = ([list(range(a, b)) for a, b in zip((0, *c), (*c, len(lengths)))] for c in cuts)
+    assert cost(batches) == min(cost(r) for r in runs if max(map(len, r)) <= 4)
+    assert least_padding(lengths, 64, overhead=1e9) == [list(range(len(lengths)))]

@@ -8,10 +8,9 @@ steering is set on the model at the time.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -22,6 +21,7 @@ from optimizer.engine.replay import LayerRecord, Replay, recording, replaying
 from optimizer.engine.verdicts import is_degenerate, marker_verdict, strip_thinking
 from optimizer.engine.model import (
     LoadedModel,
+    available_memory,
     batch_cache,
     chat_tokens,
     last_positions_only,
@@ -108,7 +108,8 @@ def greedy_generate(
     stop: StopFn | None = None,
     step_sizes: list[int] | None = None,
     finished: FinishedFn | None = None,
-    record: LayerRecord | None = None,
+    chunks: Sequence[Sequence[int]] | None = None,
+    records: Sequence[LayerRecord | None] = (),
     start: int = 0,
 ) -> tuple[list[list[int]], int]:
     """Greedy continuations of a batch of token prompts, with one shared KV cache.
@@ -117,18 +118,20 @@ def greedy_generate(
     triggered it is kept), or after ``max_new_tokens``; the batch ends when all rows
     stopped, and stopped rows leave the batch. Returns the tokens and the number of
     decode steps run; ``step_sizes``, if given, gets the batch size of each forward pass,
-    and ``finished(rows, tokens)`` hears of the rows that stopped after each step. The
-    prefill takes layers ``0 … start − 1`` from ``record`` (see :mod:`replay`).
+    and ``finished(rows, tokens)`` hears of the rows that stopped after each step.
+
+    ``chunks`` (indices into ``prompts``) prefill separately, each padded to its own longest
+    prompt, and their caches are joined for decoding (a prefill costs its padded positions;
+    decode steps are cheapest in one batch); chunk ``i`` takes layers ``0 … start − 1``
+    from ``records[i]`` (see :mod:`replay`).
     """
     model, eos = loaded.model, loaded.tokenizer.eos_token_ids
-    tokens, padding = pad_left(prompts, loaded.tokenizer.pad_token_id or 0)
-    cache = batch_cache(model, padding)
+    chunks = chunks or [range(len(prompts))]
+    cache, logits = _prefill(loaded, [[prompts[i] for i in c] for c in chunks], records, start)
     outputs: list[list[int]] = [[] for _ in prompts]
-    active = list(range(len(prompts)))
+    active = [i for chunk in chunks for i in chunk]  # the batch's rows, in prompt indices
     steps = 0
     with last_positions_only(model, 1):
-        with replaying(loaded.layers, record, start, cache):
-            logits = model(tokens, cache=cache)
         if step_sizes is not None:
             step_sizes.append(len(active))
         while True:
@@ -162,6 +165,29 @@ def greedy_generate(
             if step_sizes is not None:
                 step_sizes.append(len(active))
     return outputs, steps
+
+
+def _prefill(
+    loaded: LoadedModel, chunks: Sequence[Sequence[Sequence[int]]], records: Sequence[LayerRecord | None], start: int
+) -> tuple[list[Any], mx.array]:
+    """Each chunk of prompts prefilled on its own cache, the caches joined; the joined cache
+    and the last position's logits, rows in chunk order."""
+    model, pad_id = loaded.model, loaded.tokenizer.pad_token_id or 0
+    joined: list[Any] | None = None
+    logits = []
+    with last_positions_only(model, 1):
+        for chunk, record in zip(chunks, [*records, *[None] * (len(chunks) - len(records))]):
+            tokens, padding = pad_left(chunk, pad_id)
+            cache = batch_cache(model, padding)
+            with replaying(loaded.layers, record, start, cache):
+                logits.append(model(tokens, cache=cache))
+            if joined is None:
+                joined = cache
+            else:
+                for mine, theirs in zip(joined, cache):
+                    mine.extend(theirs)  # mlx-lm's own join: left-pads the shorter, masks it
+    assert joined is not None
+    return joined, logits[0] if len(logits) == 1 else mx.concatenate(logits)
 
 
 class Evaluator:
@@ -251,18 +277,32 @@ class Evaluator:
                 mx.eval(logits)
                 yield rows, logits
 
+    def _prefill_chunks(self, prompts: Sequence[Sequence[int]], rows: Sequence[int]) -> list[list[int]]:
+        """How a generation batch's prefill is split (indices into ``rows``): on a CPU into the
+        chunks with the fewest padded positions, elsewhere not at all."""
+        if mx.default_device() != mx.cpu:
+            return [list(range(len(rows)))]
+        order = sorted(range(len(rows)), key=lambda i: len(prompts[rows[i]]))
+        return [[order[i] for i in chunk] for chunk in least_padding([len(prompts[rows[i]]) for i in order], len(rows))]
+
+    def _prefill_records(self, prompts: Sequence[Sequence[int]], rows: Sequence[int], chunks: list[list[int]]) -> list[LayerRecord | None]:
+        replay = self.prefill_replay if prompts is self.harmful_tokens else Replay(0)
+        return [replay.get([rows[i] for i in chunk]) for chunk in chunks]
+
     def _record_prefills(self) -> None:
         """The untouched model's refusal prefills, their leading layers kept for replay."""
         model, layers, replay = self.loaded.model, self.loaded.layers, self.prefill_replay
         replay.records.clear()
         with last_positions_only(model, 1):
             for rows in self._batches(self.harmful_tokens):
-                tokens, padding = pad_left([self.harmful_tokens[r] for r in rows], self.loaded.tokenizer.pad_token_id or 0)
-                cache = batch_cache(model, padding)
-                with recording(layers, replay.depth, cache) as records:
-                    logits = model(tokens, cache=cache)
-                mx.eval(logits, [(r.outputs, r.kv) for r in records])
-                replay.records.update({tuple(rows): r for r in records})
+                for chunk in self._prefill_chunks(self.harmful_tokens, rows):
+                    chunk_rows = [rows[i] for i in chunk]
+                    tokens, padding = pad_left([self.harmful_tokens[r] for r in chunk_rows], self.loaded.tokenizer.pad_token_id or 0)
+                    cache = batch_cache(model, padding)
+                    with recording(layers, replay.depth, cache) as records:
+                        logits = model(tokens, cache=cache)
+                    mx.eval(logits, [(r.outputs, r.kv) for r in records])
+                    replay.records.update({tuple(chunk_rows): r for r in records})
 
     def _replay_matches(self) -> bool:
         """Whether this architecture replays exactly: the untouched model's first KL batch,
@@ -277,12 +317,11 @@ class Evaluator:
         if not mx.allclose(replayed, self._reference[mx.array(rows)], atol=1e-5, rtol=0).item():
             return False
         rows = self._batches(self.harmful_tokens)[0]
-        tokens, padding = pad_left([self.harmful_tokens[r] for r in rows], pad_id)
+        chunks = self._prefill_chunks(self.harmful_tokens, rows)
+        prompts, records = [self.harmful_tokens[r] for r in rows], self._prefill_records(self.harmful_tokens, rows, chunks)
         logits = []
         for start in (0, depth):
-            cache = batch_cache(model, padding)
-            with last_positions_only(model, 1), replaying(layers, self.prefill_replay.get(rows), start, cache):
-                first = model(tokens, cache=cache)
+            cache, first = _prefill(self.loaded, [[prompts[i] for i in c] for c in chunks], records, start)
             step = model(mx.argmax(first[:, -1:, :], axis=-1), cache=cache)
             logits.append(mx.concatenate([first[:, -1, :], step[:, -1, :]]))
         return bool(mx.allclose(logits[0], logits[1], atol=1e-5, rtol=0).item())
@@ -294,7 +333,7 @@ class Evaluator:
         (when kept) rather than computed."""
         return self._with_backoff(lambda: self._kl_divergence(start))
 
-    def _kl_divergence(self, start: int) -> float:
+    def _kl_divergence(self, start: int = 0) -> float:
         per_prompt = []
         for rows, logits in self._kl_logits(self._kl_inputs, start=start):
             index = mx.array(rows)
@@ -349,12 +388,12 @@ class Evaluator:
 
         generated = 0
         step_sizes: list[tuple[int, ...]] = []
-        replay = self.prefill_replay if prompts is self.harmful_tokens else Replay(0)
         try:
             if give_up is not None and give_up(0):
                 raise _GaveUp
             for rows in self._batches(prompts):
                 sizes: list[int] = []
+                chunks = self._prefill_chunks(prompts, rows)
                 try:
                     outputs, _ = greedy_generate(
                         self.loaded,
@@ -363,7 +402,8 @@ class Evaluator:
                         stop=stop,
                         step_sizes=sizes,
                         finished=None if give_up is None else lambda done, seqs, rows=rows: finished([rows[d] for d in done], seqs),
-                        record=replay.get(rows),
+                        chunks=chunks,
+                        records=self._prefill_records(prompts, rows, chunks),
                         start=start,
                     )
                 finally:
@@ -405,10 +445,14 @@ class Evaluator:
         pad_id = self.loaded.tokenizer.pad_token_id or 0
         return [pad_left([self._kl_inputs[r] for r in rows], pad_id) for rows in self._batches(self._kl_inputs, cap_padding=True)]
 
-    def generation_batches(self) -> list[tuple[mx.array, list[int]]]:
-        """The refusal stage's padded prompt batches and their left padding, as a trial runs them."""
+    def generation_batches(self) -> list[list[tuple[mx.array, list[int]]]]:
+        """The refusal stage's batches, each as its padded prefill chunks and their left
+        padding, as a trial runs them."""
         pad_id = self.loaded.tokenizer.pad_token_id or 0
-        return [pad_left([self.harmful_tokens[r] for r in rows], pad_id) for rows in self._batches(self.harmful_tokens)]
+        return [
+            [pad_left([self.harmful_tokens[rows[i]] for i in chunk], pad_id) for chunk in self._prefill_chunks(self.harmful_tokens, rows)]
+            for rows in self._batches(self.harmful_tokens)
+        ]
 
     def _batches(self, sequences: Sequence[Sequence[int]], *, cap_padding: bool = False) -> list[list[int]]:
         """Row indices in batches of similar length (sorted), at most ``batch_size`` rows each.
@@ -418,8 +462,11 @@ class Evaluator:
         prompt lengths vary a lot (64 harmless eval prompts in one batch are more than half
         padding), so long prompts go in smaller batches. Generation keeps full batches: each
         decode step reads every weight once whatever the rows, so fewer, fuller batches are
-        faster there."""
+        faster there. On a CPU, where a pass costs its positions and little else, the KL
+        pass's batches are those with the fewest padded positions (see ``least_padding``)."""
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        if cap_padding and mx.default_device() == mx.cpu:
+            return [[order[i] for i in batch] for batch in least_padding([len(sequences[r]) for r in order], self.batch_size)]
         budget = self.batch_size * sum(map(len, sequences)) / max(1, len(sequences)) if cap_padding else float("inf")
         batches: list[list[int]] = []
         for row in order:
@@ -429,6 +476,29 @@ class Evaluator:
             else:
                 last.append(row)
         return batches
+
+
+# What one more forward pass costs on a CPU besides its positions (dispatching its kernels),
+# in positions: measured on the organism, where the KL pass then runs 31% less CPU time.
+PASS_OVERHEAD = 64
+
+
+def least_padding(lengths: Sequence[int], max_rows: int, overhead: float = PASS_OVERHEAD) -> list[list[int]]:
+    """Sorted ``lengths`` cut into batches of at most ``max_rows`` consecutive ones, so that
+    their padded positions plus ``overhead`` per batch are fewest (exact: dynamic programming)."""
+    n = len(lengths)
+    cost, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        for begin in range(max(0, end - max_rows), end):
+            # A batch is as long as its longest (last) sequence.
+            c = cost[begin] + (end - begin) * lengths[end - 1] + overhead
+            if c < cost[end]:
+                cost[end], cut[end] = c, begin
+    batches, end = [], n
+    while end > 0:
+        batches.append(list(range(cut[end], end)))
+        end = cut[end]
+    return batches[::-1]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -448,13 +518,13 @@ def auto_batch_size(loaded: LoadedModel, prompts: Sequence[Sequence[int]]) -> in
     head_dim = config.get("head_dim") or loaded.hidden_size // (config.get("num_attention_heads") or 1)
     intermediate = config.get("intermediate_size") or 4 * loaded.hidden_size
     per_row = longest * 4 * (2 * layers * heads * head_dim + 4 * intermediate + 4 * loaded.hidden_size)
-    budget = _available_memory() // 4
+    budget = available_memory() // 4
     return int(max(1, min(MAX_AUTO_BATCH, budget // max(per_row, 1))))
 
 
 def replay_budget() -> int:
     """Bytes a worker may keep of the leading layers' outputs: a quarter of free memory."""
-    return _available_memory() // 4
+    return available_memory() // 4
 
 
 def replay_depth(loaded: LoadedModel, harmful: Sequence[Sequence[int]], harmless: Sequence[Sequence[int]], settings: EvalSettings) -> int:
@@ -475,10 +545,3 @@ def replay_layer_bytes(loaded: LoadedModel, harmful: Sequence[Sequence[int]], ha
     itemsize = 4 if loaded.dtype == "float32" else 2
     # Padding to the longest prompt of a batch: at most half again as many positions.
     return int(1.5 * itemsize * ((kl_positions + prefill_positions) * loaded.hidden_size + prefill_positions * 2 * heads * head_dim))
-
-
-def _available_memory() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 8 << 30

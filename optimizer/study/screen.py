@@ -12,6 +12,7 @@ dominator pushes off anyway).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import optuna
 from optuna.trial import TrialState
@@ -33,6 +34,11 @@ def front_points(study: optuna.Study) -> tuple[Point, ...]:
         if trial.values is None or any(v > 0 for v in trial.constraints.values()):
             continue
         points.append(Point(trial.number, float(trial.values[0]), float(trial.values[1])))
+    return pareto(points)
+
+
+def pareto(points: Iterable[Point]) -> tuple[Point, ...]:
+    """The points no other point dominates (one of several with equal values)."""
     # Lowest KL first: a point is on the front when its rate beats every rate before it.
     front, best = [], float("inf")
     for p in sorted(points, key=lambda p: (p.kl, p.rate, p.number)):
