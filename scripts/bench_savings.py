@@ -59,26 +59,29 @@ class Run:
         return next(t for t, hv in self.history if hv >= target - 1e-12)
 
 
-def study_text(name: str, savings: bool, n_trials: int | None) -> str:
+def study_text(name: str, savings: bool, n_trials: int | None, confirm_tokens: int | None = None) -> str:
     """The demo study file with the default search space and the savings on or off."""
     text = DEMO.read_text()
     text = re.sub(r'(?m)^name = .*$', f'name = "{name}"', text)
     text = re.sub(r'(?m)^search_space = .*$', 'search_space = "default"', text)
     flag = "true" if savings else "false"
-    text = re.sub(r"(?m)^\[evaluation\]$", f"[evaluation]\nreplay_layers = {flag}", text)
-    text = re.sub(r"(?m)^\[optimization\]$", f"[optimization]\nscreening = {flag}", text)
+    for key in ("replay_layers", "screening"):
+        text, found = re.subn(rf"(?m)^{key} = \w+", f"{key} = {flag}", text)
+        assert found == 1, f"{DEMO} has no line {key} = ..."
+    if confirm_tokens is not None:
+        text = re.sub(r"(?m)^\[evaluation\]$", f"[evaluation]\nconfirm_tokens = {confirm_tokens}", text)
     if n_trials:
         text = re.sub(r"(?m)^n_trials = \d+", f"n_trials = {n_trials}", text)
         text = re.sub(r"(?m)^n_startup_trials = \d+", f"n_startup_trials = {max(1, round(0.2 * n_trials))}", text)
     return text
 
 
-def run_once(workdir: Path, index: int, savings: bool, n_trials: int | None) -> Run:
+def run_once(workdir: Path, index: int, savings: bool, n_trials: int | None, confirm_tokens: int | None) -> Run:
     from optimizer.browse.report import hypervolume
 
     name = f"run{index}_{'on' if savings else 'off'}"
     study = workdir / f"{name}.toml"
-    study.write_text(study_text(name, savings, n_trials))
+    study.write_text(study_text(name, savings, n_trials, confirm_tokens))
     storage = f"sqlite:///{workdir / (name + '.db')}"
     load_start = os.getloadavg()[0]
     start = time.time()
@@ -125,17 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=2, help="off/on pairs to run, interleaved (default 2)")
     parser.add_argument("--n-trials", type=int, help="trials per run (default: the demo study's 60)")
+    parser.add_argument(
+        "--confirm-tokens", type=int, help="confirm front trials on answers this long (default: the demo's, 128; 0: no confirmation)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1; 0 leaves it alone)")
     args = parser.parse_args(argv)
     if args.threads:
         os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
-    print(f"demo study, search_space default; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; "
+    confirm = "the demo's" if args.confirm_tokens is None else args.confirm_tokens
+    print(f"demo study, search_space default, confirm_tokens {confirm}; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="abopt-bench-savings-") as tmp:
         for pair in range(args.pairs):
             for savings in (False, True):
-                runs.append(run_once(Path(tmp), len(runs), savings, args.n_trials))
+                runs.append(run_once(Path(tmp), len(runs), savings, args.n_trials, args.confirm_tokens))
                 print(describe(len(runs) - 1, runs[-1]), flush=True)
     print("adjacent pairs (savings on ÷ off):")
     for off, on in zip(runs[::2], runs[1::2]):

@@ -23,7 +23,7 @@ from optimizer.engine.directions import (
     to_bytes,
 )
 from optimizer.engine.judge import Judge, load_judge
-from optimizer.engine.model import LoadedModel, load_model
+from optimizer.engine.model import LoadedModel, compute_path, load_model
 from optimizer.engine.profile import AblationParams
 from optimizer.engine.steering import Steering, install
 from optimizer.errors import UserError
@@ -62,6 +62,8 @@ def load_steered(
     if loaded is None:
         log(f"loading {plan.config.model}")
         loaded = load_study_model(plan, unpack=unpack)
+    if unpack:
+        log(compute_path(loaded))  # the search's one line on which weights it computes with
     steering = install(loaded.targets)
     store = OnceStore(plan.storage_url)
     try:

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from optimizer.engine.evaluate import EvalSettings, Evaluator, replay_budget
 from optimizer.engine.judge import Judge
-from optimizer.engine.model import LoadedModel, compute_path
+from optimizer.engine.model import LoadedModel
 from optimizer.engine.replay import first_steered_layer
 from optimizer.study.config import StudyConfig
 from optimizer.study.confirm import (
@@ -121,7 +121,6 @@ def start_worker(
     """Load the model (unless given), get the directions (measuring only if nobody has) and the baseline."""
     config = plan.config
     model = load_steered(plan, loaded=loaded, log=log, unpack=True)
-    log(compute_path(model.loaded))
     directions = model.directions
     log(
         f"directions {'measured' if model.measured else 'from the study cache'} "
