@@ -214,8 +214,10 @@ def test_two_screening_workers_find_the_front_one_full_worker_finds(tmp_path):
         | {f"{c}.{k}": float(rng.uniform(*r)) for c in ("attn", "mlp") for k, r in (
             ("max_weight", (0.8, 1.5)), ("max_weight_position", (4.2, 7.0)),
             ("min_weight_fraction", (0.0, 1.0)), ("min_weight_distance", (1.0, 4.2)))}
-        for _ in range(12)
+        for _ in range(16)
     ]
+    from optimizer.study.storage import worker_records
+
     fronts = {}
     for name, on, workers in (("off", False, 1), ("on", True, 2)):
         study_file = write_study(
@@ -234,7 +236,7 @@ def test_two_screening_workers_find_the_front_one_full_worker_finds(tmp_path):
         complete = study.get_trials(states=(TrialState.COMPLETE,))
         assert len(complete) == 1 + len(queued)
         if on:
-            assert {t.user_attrs["worker"]["index"] for t in complete[1:]} == {1, 2}
+            assert len(worker_records(storage, name)) == 3  # the first run's worker, then two at once
             assert any("screened" in t.user_attrs for t in complete), "nothing screened: the test shows nothing"
         fronts[name] = _front(storage, name)
     assert fronts["on"] == fronts["off"]
@@ -279,3 +281,29 @@ def test_kl_batches_have_the_fewest_padded_positions_a_batch_limit_allows():
     runs = ([list(range(a, b)) for a, b in zip((0, *c), (*c, len(lengths)))] for c in cuts)
     assert cost(batches) == min(cost(r) for r in runs if max(map(len, r)) <= 4)
     assert least_padding(lengths, 64, overhead=1e9) == [list(range(len(lengths)))]
+
+
+def test_with_a_judge_only_degenerate_answers_count_before_the_judge_reads_them(organism):
+    from optimizer.engine.judge import load_judge
+    from optimizer.engine.model import ORGANISM_PATH
+
+    loaded, steering, directions = organism
+    judged = Evaluator(
+        loaded,
+        load_prompts("bundled:harmful:eval", limit=16),
+        load_prompts("bundled:harmless:eval", limit=4),
+        load_markers(),
+        EvalSettings(32, 1, 16, SYSTEM),
+        judge=load_judge(str(ORGANISM_PATH)),  # any chat model can judge; this one is at hand
+    )
+    try:
+        # Weights this large make most answers loops: degenerate whoever judges.
+        steering.set({"attn": np.full(8, 20.0), "mlp": np.full(8, 20.0)}, directions.vectors[directions.best_layer])
+        full = judged.refusals()
+        assert full.degenerate >= 4, "needs degenerate answers to stop on"
+        stopped = judged.refusals(give_up=lambda n: n >= 4)
+    finally:
+        steering.clear()
+    assert stopped.screened and stopped.scores is None and set(stopped.verdicts) <= {"", "degenerate"}
+    assert stopped.degenerate >= 4 and stopped.refused == 0
+    assert all(final == "degenerate" for known, final in zip(stopped.verdicts, full.verdicts) if known)

@@ -14,11 +14,10 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models import cache as mlx_cache
 
 from optimizer.engine.judge import Judge, answer_verdicts
 from optimizer.engine.markers import find_refusal
-from optimizer.engine.replay import LayerRecord, Replay, recording, replaying
-from optimizer.engine.verdicts import is_degenerate, marker_verdict, strip_thinking
 from optimizer.engine.model import (
     LoadedModel,
     available_memory,
@@ -27,6 +26,8 @@ from optimizer.engine.model import (
     last_positions_only,
     pad_left,
 )
+from optimizer.engine.replay import LayerRecord, Replay, recording, replaying
+from optimizer.engine.verdicts import is_degenerate, marker_verdict, strip_thinking
 
 MAX_AUTO_BATCH = 64
 T = TypeVar("T")
@@ -211,6 +212,9 @@ class Evaluator:
         self.harmful_tokens = [chat_tokens(loaded.tokenizer, p, system, thinking) for p in harmful]
         self.harmless_tokens = [chat_tokens(loaded.tokenizer, p, system, thinking) for p in harmless]
         self.batch_size = settings.batch_size or auto_batch_size(loaded, self.harmful_tokens + self.harmless_tokens)
+        # Prefill chunks are joined into one cache only where every layer's cache is a plain
+        # KV cache (a sliding window's rotating cache is prefilled whole, as before).
+        self._joinable = all(type(c) is mlx_cache.KVCache for c in mlx_cache.make_prompt_cache(loaded.model))
         # Layer outputs of the untouched model kept for trials to start later (see replay.py):
         # recorded with the reference distributions and one prefill per refusal batch.
         self.kl_replay = Replay(replay_depth(loaded, self.harmful_tokens, self.harmless_tokens, settings))
@@ -280,7 +284,7 @@ class Evaluator:
     def _prefill_chunks(self, prompts: Sequence[Sequence[int]], rows: Sequence[int]) -> list[list[int]]:
         """How a generation batch's prefill is split (indices into ``rows``): on a CPU into the
         chunks with the fewest padded positions, elsewhere not at all."""
-        if mx.default_device() != mx.cpu:
+        if mx.default_device() != mx.cpu or not self._joinable:
             return [list(range(len(rows)))]
         order = sorted(range(len(rows)), key=lambda i: len(prompts[rows[i]]))
         return [[order[i] for i in chunk] for chunk in least_padding([len(prompts[rows[i]]) for i in order], len(rows))]
