@@ -316,7 +316,9 @@ class Evaluator:
         model, layers, depth = self.loaded.model, self.loaded.layers, self.kl_replay.depth
         pad_id = self.loaded.tokenizer.pad_token_id or 0
         rows = self._batches(self._kl_inputs, cap_padding=True)[0]
-        _, replayed = next(self._kl_logits(self._kl_inputs, start=depth))
+        batches = self._kl_logits(self._kl_inputs, start=depth)
+        _, replayed = next(batches)
+        batches.close()  # leaves the last-positions patch now, not when collected
         replayed = replayed - mx.logsumexp(replayed, axis=-1, keepdims=True)  # the reference holds log-probs
         if not mx.allclose(replayed, self._reference[mx.array(rows)], atol=1e-5, rtol=0).item():
             return False
