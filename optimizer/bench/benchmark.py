@@ -136,6 +136,25 @@ class BenchResult:
     memory: tuple[MemoryPoint, ...]
     load_average: tuple[tuple[float, float, float], tuple[float, float, float]]  # start, end
     judge: str = "markers"
+    savings: Savings | None = None
+
+
+@dataclass(frozen=True)
+class Savings:
+    """Each timed trial scored again with layer replay and screening, against its full scoring."""
+
+    replay_depth: int  # leading layers kept
+    replay_bytes: int
+    replayed: Spread  # leading layers replayed per trial
+    kl_seconds: Spread  # the KL stage, replayed
+    refusal_seconds: Spread  # the refusal stage, replayed and screened
+    trial_seconds: Spread
+    screened: int  # trials whose refusal stage stopped early
+    screened_by_kl: int  # of which before generating anything
+    kl_ratio: float  # full ÷ with savings, median over trials
+    refusal_ratio: float
+    trial_ratio: float
+    exact: bool  # replayed KL equal to the full KL, and unscreened verdicts equal
 
 
 # -- environment ---------------------------------------------------------------------------
@@ -319,10 +338,11 @@ def floor_kl(model: Any, batches: Sequence[tuple[Any, list[int]]], keep: int) ->
     return time.perf_counter() - start
 
 
-def floor_generate(model: Any, batches: Sequence[tuple[Any, list[int]]], step_sizes: Sequence[Sequence[int]]) -> float:
+def floor_generate(model: Any, batches: Sequence[Sequence[tuple[Any, list[int]]]], step_sizes: Sequence[Sequence[int]]) -> float:
     """Seconds for plain mlx-lm's greedy generation with the given per-step batch sizes.
 
-    Per batch: the prefill, then one decode step per further size, dropping rows (and
+    Per batch: the prefill of each of its chunks, their caches joined (as mlx-lm's batch
+    generator joins them), then one decode step per further size, dropping rows (and
     filtering the cache, as mlx-lm's batch generator does) whenever the size shrinks.
     Steps are queued with ``mx.async_eval`` as mlx-lm's generate loop does; nothing is
     read back but the last step.
@@ -332,10 +352,18 @@ def floor_generate(model: Any, batches: Sequence[tuple[Any, list[int]]], step_si
     from optimizer.engine.model import batch_cache
 
     start = time.perf_counter()
-    for (tokens, padding), sizes in zip(batches, step_sizes):
-        cache = batch_cache(model, padding)
-        logits = _prefill(model, tokens, cache, 1)
-        current = sizes[0] if sizes else tokens.shape[0]
+    for chunks, sizes in zip(batches, step_sizes):
+        cache, logits = None, []
+        for tokens, padding in chunks:
+            chunk_cache = batch_cache(model, padding)
+            logits.append(_prefill(model, tokens, chunk_cache, 1))
+            if cache is None:
+                cache = chunk_cache
+            else:
+                for mine, theirs in zip(cache, chunk_cache):
+                    mine.extend(theirs)
+        logits = mx.concatenate(logits)
+        current = sizes[0] if sizes else logits.shape[0]
         y = mx.argmax(logits[:, -1, :], axis=-1)
         mx.async_eval(y)
         for size in sizes[1:]:
@@ -375,7 +403,8 @@ def run_benchmark(
     import mlx_lm
 
     from optimizer.engine.directions import measure
-    from optimizer.engine.evaluate import EvalSettings, Evaluator
+    from optimizer.engine.evaluate import EvalSettings, Evaluator, replay_budget
+    from optimizer.engine.replay import first_steered_layer
     from optimizer.engine.judge import load_judge
     from optimizer.engine.markers import load_markers
     from optimizer.engine.model import load_model
@@ -383,6 +412,7 @@ def run_benchmark(
     from optimizer.engine.steering import install
     from optimizer.errors import UserError
     from optimizer.study.config import load_search_space
+    from optimizer.study.screen import Point, Screen, pareto
     from optimizer.study.steered import SteeredModel
 
     if trials < 1:
@@ -420,7 +450,8 @@ def run_benchmark(
     setup_t = time.perf_counter()
     steered = SteeredModel(loaded, install(loaded.targets), directions, measured=True)
     evaluator = Evaluator(
-        loaded, harmful_eval, harmless_eval, load_markers(), EvalSettings(max_new_tokens, kl_tokens, batch_size),
+        loaded, harmful_eval, harmless_eval, load_markers(),
+        EvalSettings(max_new_tokens, kl_tokens, batch_size, replay_bytes=replay_budget()),
         judge=None if judge == "markers" else load_judge(judge),
     )
     baseline = evaluator.refusals()
@@ -430,18 +461,33 @@ def run_benchmark(
     space = load_search_space("default")
     rng = np.random.default_rng(seed)
 
+    front: list[Point] = []  # of the full scorings so far: what screening compares with
+    saved: list[tuple[int, float, float, bool, bool, bool]] = []  # replayed, KL s, refusal s, screened, by KL, exact
+
     def trial() -> tuple[float, float, float, float, Any]:
-        """One study trial's engine work; (set, KL, refusal) wall seconds, CPU seconds, result."""
+        """One study trial's engine work; (set, KL, refusal) wall seconds, CPU seconds, result.
+
+        Then the same trial again as a study worker scores it, with replay and screening."""
         params = _random_params(space, loaded.n_layers, rng)
         cpu = time.process_time()
         t0 = time.perf_counter()
-        steered.steer(params)
+        weights = steered.steer(params)
         t1 = time.perf_counter()
-        evaluator.kl_divergence()
+        kl = evaluator.kl_divergence()
         t2 = time.perf_counter()
         result = evaluator.refusals()
         t3 = time.perf_counter()
         cpu = time.process_time() - cpu
+        first = min(first_steered_layer(weights, loaded.n_layers), evaluator.kl_replay.depth)
+        t4 = time.perf_counter()
+        replayed_kl = evaluator.kl_divergence(start=first)
+        t5 = time.perf_counter()
+        screen = Screen(pareto(front), replayed_kl, len(evaluator.harmful_tokens))
+        fast = evaluator.refusals(start=first, give_up=screen)
+        t6 = time.perf_counter()
+        exact = replayed_kl == kl and (fast.screened or fast.verdicts == result.verdicts)
+        saved.append((first, t5 - t4, t6 - t5, fast.screened, fast.screened and fast.judged == 0, exact))
+        front.append(Point(len(saved), kl, result.rate))
         steered.steering.clear()
         return t1 - t0, t2 - t1, t3 - t2, cpu, result
 
@@ -449,6 +495,7 @@ def run_benchmark(
     *_, warm = trial()
     floor_kl(loaded.model, kl_batches, kl_tokens)
     floor_generate(loaded.model, gen_batches, warm.step_sizes)
+    saved.clear()  # the warm-up's front stays: a study's first trials meet an empty one too
 
     sets, kls, refusal_times, judge_times, floors_kl, floors_gen, results = [], [], [], [], [], [], []
     cpu_ratios = []
@@ -488,6 +535,23 @@ def run_benchmark(
                     f"mlx cache {_mib(point.mlx_cache)}"
                 )
 
+    timed = saved[:trials]
+    fast_trials = [s + k + r for s, (_, k, r, *_) in zip(sets, timed)]
+    savings = Savings(
+        replay_depth=evaluator.kl_replay.depth,
+        replay_bytes=evaluator.kl_replay.nbytes + evaluator.prefill_replay.nbytes,
+        replayed=Spread.of([t[0] for t in timed]),
+        kl_seconds=Spread.of([t[1] for t in timed]),
+        refusal_seconds=Spread.of([t[2] for t in timed]),
+        trial_seconds=Spread.of(fast_trials),
+        screened=sum(t[3] for t in timed),
+        screened_by_kl=sum(t[4] for t in timed),
+        kl_ratio=statistics.median(k / t[1] for k, t in zip(kls, timed)),
+        refusal_ratio=statistics.median((r + j) / t[2] for r, j, t in zip(refusal_times, judge_times, timed)),
+        trial_ratio=statistics.median(full / fast for full, fast in zip(trial_times, fast_trials)),
+        exact=all(t[5] for t in timed),
+    )
+
     def sizes_sum(result: Any, skip_prefill: bool) -> int:
         return sum(sum(s[1:] if skip_prefill else s) for s in result.step_sizes)
 
@@ -495,7 +559,7 @@ def run_benchmark(
         kl_prompt=sum(len(t) for t in evaluator.kl_inputs),
         kl_prompt_padded=sum(int(t.size) for t, _ in kl_batches),
         refusal_prefill=sum(len(t) for t in evaluator.harmful_tokens),
-        refusal_prefill_padded=sum(int(t.size) for t, _ in gen_batches),
+        refusal_prefill_padded=sum(int(t.size) for chunks in gen_batches for t, _ in chunks),
         decode_rows=Spread.of([sizes_sum(r, True) for r in results]),
         generated=Spread.of([r.generated_tokens for r in results]),
         decode_steps=Spread.of([sum(len(s) - 1 for s in r.step_sizes) for r in results]),
@@ -536,6 +600,7 @@ def run_benchmark(
         memory=tuple(memory),
         judge=judge,
         load_average=(load_start, os.getloadavg()),
+        savings=savings,
     )
 
 
@@ -587,6 +652,21 @@ def format_report(result: BenchResult) -> str:
         f"in {t.decode_steps.median:.0f} decode steps of {t.decode_rows.median:.0f} rows in all",
         f"  total            {t.total:,.0f} tokens (prompts + generated), {t.computed:,.0f} positions computed "
         f"with padding; {t.total / result.trial_seconds.median:,.0f} tokens/s",
+    ]
+    v = result.savings
+    if v is not None:
+        lines += [
+            "savings: each trial scored again as a study worker scores it (replay, screening against the full",
+            "scorings before it), against its full scoring above",
+            f"  layer replay     {v.replay_depth} of {m.n_layers} leading layers kept ({_mib(v.replay_bytes)}); "
+            f"replayed per trial: median {v.replayed.median:.1f} (min {v.replayed.min:.0f}, max {v.replayed.max:.0f})",
+            f"  KL stage       {_s(v.kl_seconds)}   ×{v.kl_ratio:.2f} less time than in full",
+            f"  refusal stage  {_s(v.refusal_seconds)}   ×{v.refusal_ratio:.2f} less; screened {v.screened} of "
+            f"{result.trials} trials ({v.screened_by_kl} on their KL alone)",
+            f"  trial          {_s(v.trial_seconds)}   ×{v.trial_ratio:.2f} less than the full trial",
+            f"  exact            {'yes' if v.exact else 'NO'}: replayed KL equal to the full KL, unscreened verdicts equal",
+        ]
+    lines += [
         "memory",
         f"  peak RSS         {_mib(result.peak_rss)}; mlx peak {_mib(result.mlx_peak_memory)}",
     ]

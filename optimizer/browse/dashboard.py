@@ -126,8 +126,11 @@ def trial_note(
     lines = [f"## Trial {number}: {label}", ""]
     if result.refusal_stage:
         lines += [f"**Infeasible**: {result.refusal_stage}", ""]
+    if result.screened:
+        lines += [f"**Screened** ({result.screened}): its refusal rate is a bound it could not beat", ""]
     lines += ["| | refusals | KL divergence |", "|---|---:|---:|"]
-    lines.append(f"| this trial | {percent(rate)}{counts(result.refused, result.total, result.degenerate)} | {kl:.5f} |")
+    bound = "≥ " if result.screened else ""
+    lines.append(f"| this trial | {bound}{percent(rate)}{counts(result.refused, result.total, result.degenerate)} | {kl:.5f} |")
     if baseline:
         lines.append(
             f"| original model | {percent(baseline.refusal_rate)}{counts(baseline.refused, baseline.total, baseline.degenerate)} | 0 |"

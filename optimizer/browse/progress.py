@@ -149,8 +149,12 @@ class Progress:
         last = snap.last
         if last is not None:
             kl, rate = last.kl_divergence, last.refusal_rate
+            screened = last.result is not None and last.result.screened is not None
             parts.append(
-                Text(f"last: #{last.number}  KL {kl:.4f}  refusals {percent(rate)}{counts(last.refused, last.total, last.degenerate)}  {quality(kl, rate)}")
+                Text(
+                    f"last: #{last.number}  KL {kl:.4f}  refusals {'≥ ' if screened else ''}{percent(rate)}"
+                    f"{counts(last.refused, last.total, last.degenerate)}  {'screened' if screened else quality(kl, rate)}"
+                )
             )
         if snap.front:
             parts.append(trade_offs_table(snap.front, snap.yardstick))

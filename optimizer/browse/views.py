@@ -208,6 +208,8 @@ def trial_json(study: optuna.Study, record: TrialRecord) -> dict[str, Any]:
         "on_front": record.number in front_numbers,
         "feasible": record.constraint_ok,
         "refusal_stage": result.refusal_stage if result else None,
+        "screened": result.screened if result else None,  # the refusal rate is then a bound
+        "judged": result.judged if result else None,
         "baseline": {k: v for k, v in base.to_dict().items() if k != "answers"} if base else None,
         "params": record.params,
         "ablation": record.ablation.to_dict() if record.ablation else None,
@@ -287,6 +289,8 @@ def trial_view(study: optuna.Study, record: TrialRecord) -> Group:
     where = "on the Pareto front" if r["on_front"] else "not on the Pareto front"
     if not r["feasible"]:
         where = "infeasible: " + (r["refusal_stage"] or "breaks the KL ceiling")
+    elif r["screened"]:
+        where = r["screened"]
     parts: list[Any] = [
         Text.assemble((f"trial #{r['trial']}", "bold"), f" of study {study.study_name!r} · {r['quality']} · {where}"),
     ]
@@ -294,7 +298,9 @@ def trial_view(study: optuna.Study, record: TrialRecord) -> Group:
     for column in ("", "refusals", "KL divergence"):
         scores.add_column(column, justify="left" if not column else "right")
     scores.add_row(
-        "this trial", percent(r["refusal_rate"]) + counts(r["refused"], r["total"], r["degenerate"]), f"{r['kl_divergence']:.5f}"
+        "this trial",
+        ("≥ " if r["screened"] else "") + percent(r["refusal_rate"]) + counts(r["refused"], r["total"], r["degenerate"]),
+        f"{r['kl_divergence']:.5f}",
     )
     if r["baseline"]:
         b = r["baseline"]

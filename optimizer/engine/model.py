@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import mlx.nn as nn
 import mlx_lm
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import MODEL_REMAPPING
+from mlx_lm.utils import MODEL_REMAPPING, dequantize_model
 
 from optimizer import DATA
 from optimizer.engine.fingerprint import model_identity
@@ -70,6 +71,7 @@ class LoadedModel:
     identity: str
     tokenizer_identity: str
     dtype: str
+    unpacked: bool = False  # quantized weights dequantized to compute on a CPU (see load_model)
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -161,20 +163,28 @@ def compute_dtype(requested: str) -> mx.Dtype | None:
     return _DTYPES[requested]
 
 
-def load_model(source: str, *, dtype: str = "auto", trust_remote_code: bool = False, lazy: bool = False) -> LoadedModel:
+def load_model(
+    source: str, *, dtype: str = "auto", trust_remote_code: bool = False, lazy: bool = False, unpack: bool = False
+) -> LoadedModel:
     """Load ``source`` with mlx-lm and locate its decoder layers and steering targets.
 
     ``lazy`` builds the model and checks every weight file and tensor without reading the
-    weights: what ``abopt run`` does before it touches a study.
+    weights: what ``abopt run`` does before it touches a study. ``unpack``: on a CPU,
+    dequantize a quantized model's weights (to the compute dtype) when that fits in half
+    the free memory: mlx's CPU backend has no fast quantized matmul, and dequantizing gives
+    the very weight values the quantized kernels compute with. Export keeps them packed.
     """
     path = resolve_model_path(source)
     config = read_config(path)
     model, tokenizer = _mlx_load(path, config, trust_remote_code, lazy)
     target_dtype = compute_dtype(dtype)
     if target_dtype is not None:
-        model.set_dtype(target_dtype)
-        if not lazy:
-            mx.eval(model.parameters())
+        model.set_dtype(target_dtype)  # scales too, before dequantizing: the values the kernels use
+    unpacked = unpack and not lazy and mx.default_device() == mx.cpu and 0 < unpacked_bytes(model) <= available_memory() // 2
+    if unpacked:
+        model = dequantize_model(model)
+    if not lazy:
+        mx.eval(model.parameters())
     hidden_size = _hidden_size(model, config)
     targets = find_targets(model, hidden_size)
     if not targets:
@@ -195,7 +205,35 @@ def load_model(source: str, *, dtype: str = "auto", trust_remote_code: bool = Fa
         identity=model_identity(path),
         tokenizer_identity=tokenizer_identity(path, tokenizer),
         dtype=str(target_dtype or _first_float_dtype(model)).removeprefix("mlx.core."),
+        unpacked=unpacked,
     )
+
+
+def unpacked_bytes(model: nn.Module) -> int:
+    """Bytes the quantized weights of ``model`` take dequantized; 0 when none is quantized."""
+    total = 0
+    for _, module in model.named_modules():
+        if "scales" in module and isinstance(module.get("weight"), mx.array):
+            total += module["weight"].size * (32 // module.bits) * 4  # at most float32
+    return total
+
+
+def available_memory() -> int:
+    """Free physical memory in bytes (8 GiB when the system does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+def compute_path(loaded: LoadedModel) -> str:
+    """One line: which weights the model computes with, and why."""
+    if loaded.unpacked:
+        return f"computing on the dequantized {loaded.dtype} weights (a CPU has no fast quantized matmul; export re-quantizes)"
+    if any("scales" in module for _, module in loaded.model.named_modules()):
+        where = "on the GPU" if mx.default_device() == mx.gpu else "(the dequantized model does not fit in half the free memory)"
+        return f"computing on the packed quantized weights {where}"
+    return f"computing on the {loaded.dtype} weights"
 
 
 def _mlx_load(path: Path, config: dict, trust_remote_code: bool, lazy: bool) -> tuple[nn.Module, TokenizerWrapper]:

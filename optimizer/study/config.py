@@ -305,6 +305,7 @@ class EvaluationConfig:
     judge: str = "markers"  # "markers", "bundled" (the tiny bundled judge), or a chat model's path or HF id
     judge_template: str = ""  # "" = the bundled template; else a text file with {request} and {answer}
     confirm_tokens: int = 128  # answer length when a front trial is confirmed; 0 = no confirmation
+    replay_layers: bool = True  # start each trial at its first steered layer (same results)
 
 
 @dataclass(frozen=True)
@@ -313,6 +314,7 @@ class OptimizationConfig:
     n_startup_trials: int = 12
     seed: int = 0
     kl_ceiling: float = 0.0  # 0 = none
+    screening: bool = True  # stop scoring a trial once it cannot reach the front (same front)
 
 
 @dataclass(frozen=True)
@@ -392,6 +394,7 @@ def load_study(path: str | Path) -> StudyConfig:
         judge=_judge(t, base_dir),
         judge_template=_relative_file(t, "judge_template", base_dir),
         confirm_tokens=t.integer("confirm_tokens", default=e.confirm_tokens, minimum=0),
+        replay_layers=t.boolean("replay_layers", default=e.replay_layers),
     )
 
     t = top.table("optimization", optional=True)
@@ -409,6 +412,7 @@ def load_study(path: str | Path) -> StudyConfig:
         n_startup_trials=n_startup,
         seed=t.integer("seed", default=o.seed, minimum=0, maximum=2**32 - 1),
         kl_ceiling=t.number("kl_ceiling", default=o.kl_ceiling, minimum=0.0),
+        screening=t.boolean("screening", default=o.screening),
     )
 
     return StudyConfig(

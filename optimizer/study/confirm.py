@@ -124,7 +124,7 @@ def confirm_trials(
     records = {n: read_trial(complete_trial(study, n)) for n in numbers if n not in done}
     if not records:
         return {n: done[n] for n in numbers}
-    model = load_steered(plan, log=log)
+    model = load_steered(plan, log=log, unpack=True)
     confirmer = Confirmer.build(plan, model, load_study_judge(plan, log))
     store = OnceStore(plan.storage_url)
     try:

@@ -80,6 +80,12 @@ class TrialResult:
     feasible: bool | None = None  # None: the study has no KL ceiling
     refusal_stage: str | None = None  # why the refusal stage was skipped
     degenerate: int | None = None  # degenerate answers; None: before three verdicts (0.1.0)
+    # Why scoring stopped early (see study/screen.py): the trial could not reach the front.
+    # Its refusal rate is then a bound (answers known not to comply so far ÷ total), and
+    # refused/degenerate count the answers judged so far (``judged`` of ``total``).
+    screened: str | None = None
+    judged: int | None = None  # None: every answer (not screened)
+    replayed_layers: int = 0  # leading layers taken from the untouched model (see engine/replay.py)
 
     @property
     def values(self) -> tuple[float, float]:
@@ -229,6 +235,11 @@ def write_result(trial: optuna.Trial, result: TrialResult) -> None:
     trial.set_user_attr("total", result.total)
     trial.set_user_attr("sample_answers", [s.to_dict() for s in result.samples])
     trial.set_user_attr("generated_tokens", result.generated_tokens)
+    if result.screened is not None:
+        trial.set_user_attr("screened", result.screened)
+        trial.set_user_attr("judged", result.judged)
+    if result.replayed_layers:
+        trial.set_user_attr("replayed_layers", result.replayed_layers)
     t = result.timings
     trial.set_user_attr("seconds", {"kl": round(t.kl, 4), "refusal": round(t.refusal, 4), "trial": round(t.trial, 4)})
     trial.set_user_attr("record_version", RECORD_VERSION)
@@ -332,4 +343,7 @@ def _result(trial: FrozenTrial) -> TrialResult | None:
         feasible=attrs.get("feasible"),
         refusal_stage=attrs.get("refusal_stage"),
         degenerate=attrs.get("degenerate"),
+        screened=attrs.get("screened"),
+        judged=attrs.get("judged"),
+        replayed_layers=attrs.get("replayed_layers", 0),
     )

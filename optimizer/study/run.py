@@ -90,7 +90,7 @@ def run_study(
     target = n_trials or config.optimization.n_trials
     if workers == 1:
         display.log(f"loading {config.model}")
-    loaded = load_study_model(study_plan, lazy=workers > 1)
+    loaded = load_study_model(study_plan, lazy=workers > 1, unpack=True)
     study = open_or_create(study_plan)
     keep_awake()
     display.begin(study)

@@ -23,7 +23,7 @@ from optimizer.engine.directions import (
     to_bytes,
 )
 from optimizer.engine.judge import Judge, load_judge
-from optimizer.engine.model import LoadedModel, load_model
+from optimizer.engine.model import LoadedModel, compute_path, load_model
 from optimizer.engine.profile import AblationParams
 from optimizer.engine.steering import Steering, install
 from optimizer.errors import UserError
@@ -48,19 +48,22 @@ class SteeredModel:
         return weights
 
 
-def load_study_model(plan: StudyPlan, *, lazy: bool = False) -> LoadedModel:
-    """The study's model, as its study file says to load it (``lazy``: checked, not read)."""
+def load_study_model(plan: StudyPlan, *, lazy: bool = False, unpack: bool = False) -> LoadedModel:
+    """The study's model, as its study file says to load it (``lazy``: checked, not read;
+    ``unpack``: dequantized on a CPU when it fits, for scoring, see ``load_model``)."""
     config = plan.config
-    return load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code, lazy=lazy)
+    return load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code, lazy=lazy, unpack=unpack)
 
 
 def load_steered(
-    plan: StudyPlan, *, loaded: LoadedModel | None = None, log: Callable[[str], None] = lambda _: None
+    plan: StudyPlan, *, loaded: LoadedModel | None = None, log: Callable[[str], None] = lambda _: None, unpack: bool = False
 ) -> SteeredModel:
     """Load the study's model (unless given), install steering, get the study's directions."""
     if loaded is None:
         log(f"loading {plan.config.model}")
-        loaded = load_study_model(plan)
+        loaded = load_study_model(plan, unpack=unpack)
+    if unpack:
+        log(compute_path(loaded))  # the search's one line on which weights it computes with
     steering = install(loaded.targets)
     store = OnceStore(plan.storage_url)
     try:

@@ -16,9 +16,10 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from optimizer.engine.evaluate import EvalSettings, Evaluator
+from optimizer.engine.evaluate import EvalSettings, Evaluator, replay_budget
 from optimizer.engine.judge import Judge
 from optimizer.engine.model import LoadedModel
+from optimizer.engine.replay import first_steered_layer
 from optimizer.study.config import StudyConfig
 from optimizer.study.confirm import (
     Confirmer,
@@ -41,6 +42,7 @@ from optimizer.study.record import (
     write_start,
 )
 from optimizer.study.sampling import make_sampler, sampler_settings, suggest
+from optimizer.study.screen import Screen, front_points
 from optimizer.study.steered import SteeredModel, load_steered, load_study_judge
 from optimizer.study.stopping import pid_alive, stop_reason
 from optimizer.study.storage import (
@@ -118,7 +120,7 @@ def start_worker(
 ) -> Worker:
     """Load the model (unless given), get the directions (measuring only if nobody has) and the baseline."""
     config = plan.config
-    model = load_steered(plan, loaded=loaded, log=log)
+    model = load_steered(plan, loaded=loaded, log=log, unpack=True)
     directions = model.directions
     log(
         f"directions {'measured' if model.measured else 'from the study cache'} "
@@ -132,9 +134,13 @@ def start_worker(
         plan.prompts.harmful_eval,
         plan.prompts.harmless_eval,
         plan.markers,
-        EvalSettings(e.max_new_tokens, e.kl_tokens, e.batch_size, config.prompts.system_prompt, config.prompts.thinking),
+        EvalSettings(
+            e.max_new_tokens, e.kl_tokens, e.batch_size, config.prompts.system_prompt, config.prompts.thinking,
+            replay_bytes=replay_budget() if e.replay_layers else 0,
+        ),
         judge=judge,
     )
+    log(replay_line(evaluator, config))
     store = OnceStore(plan.storage_url)
     try:
         payload, _ = store.get_or_compute(
@@ -216,25 +222,45 @@ def abandon(trial: optuna.Trial, reason: str) -> None:
     RetryDeadTrial(max_retry=None)(study, study._storage.get_trial(trial._trial_id))
 
 
+def replay_line(evaluator: Evaluator, config: StudyConfig) -> str:
+    """One line at start: how much of each trial the worker skips, and why not more."""
+    depth, n_layers = evaluator.kl_replay.depth, evaluator.loaded.n_layers
+    if not config.evaluation.replay_layers:
+        replay = "off (replay_layers = false)"
+    elif depth:
+        size = (evaluator.kl_replay.nbytes + evaluator.prefill_replay.nbytes) / 2**20
+        replay = f"up to {depth} of {n_layers} leading layers kept ({size:,.0f} MiB)"
+    else:
+        replay = "off (no memory for it, or this architecture does not replay exactly)"
+    screening = "on" if config.optimization.screening else "off (screening = false)"
+    return f"layer replay {replay}; screening {screening}"
+
+
 def run_trial(worker: Worker, trial: optuna.Trial) -> TrialResult:
     """Steer as the trial's parameters say and score it (its constraint is set on the trial)."""
     start = time.perf_counter()
     params = suggest(trial, worker.config.search_space, worker.model.loaded.n_layers)
     weights = worker.model.steer(params)
+    # Layers before the first steered one compute what the untouched model computes.
+    first = min(first_steered_layer(weights, worker.model.loaded.n_layers), worker.evaluator.kl_replay.depth)
     kl_start = time.perf_counter()
-    kl = worker.evaluator.kl_divergence()
+    kl = worker.evaluator.kl_divergence(start=first)
     kl_seconds = time.perf_counter() - kl_start
     ceiling = worker.config.optimization.kl_ceiling
     feasible = not ceiling or kl <= ceiling
-    refusal_seconds, skipped = 0.0, None
+    refusal_seconds, skipped, screened, judged = 0.0, None, None, None
     if feasible:
         refusal_start = time.perf_counter()
-        refusals = worker.evaluator.refusals()
+        total = len(worker.evaluator.harmful_tokens)
+        screen = Screen(front_points(worker.study), kl, total) if worker.config.optimization.screening else None
+        refusals = worker.evaluator.refusals(start=first, give_up=screen)
         refusal_seconds = time.perf_counter() - refusal_start
         rate, refused, total, answers, generated = (
             refusals.rate, refusals.refused, refusals.total, refusals.answers, refusals.generated_tokens
         )
         verdicts, scores, degenerate = refusals.verdicts, refusals.scores, refusals.degenerate
+        if refusals.screened and screen is not None:
+            screened, judged = screen.reason(refusals.judged), refusals.judged
     else:
         # Not worth generating for: recorded as infeasible with the worst refusal rate.
         rate, refused, total, answers, generated = 1.0, None, len(worker.evaluator.harmful_tokens), (), 0
@@ -253,13 +279,18 @@ def run_trial(worker: Worker, trial: optuna.Trial) -> TrialResult:
         ablation=params,
         layer_weights={k: tuple(round(float(x), 5) for x in v) for k, v in weights.items()},
         samples=tuple(
-            SampleAnswer(p, a, v, scores[i] if scores else None) for i, (p, a, v) in enumerate(zip(harmful[:n], answers[:n], verdicts[:n]))
+            SampleAnswer(p, a, v, scores[i] if scores else None)
+            for i, (p, a, v) in enumerate(zip(harmful[:n], answers[:n], verdicts[:n]))
+            if v  # a screened trial's answers without a verdict are not samples of anything
         ),
         generated_tokens=generated,
         timings=Timings(kl_seconds, refusal_seconds, time.perf_counter() - start),
         feasible=feasible if ceiling else None,
         refusal_stage=skipped,
         degenerate=degenerate,
+        screened=screened,
+        judged=judged,
+        replayed_layers=first,
     )
 
 
