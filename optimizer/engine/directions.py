@@ -5,6 +5,14 @@ is the residual stream after layer l at the last prompt token (chat template app
 the generation prompt), captured from the model's own forward pass. Index 0 is the output
 of the first decoder layer; the embedding output is not used (no layer reads it after
 steering, and its difference-in-means carries only token identity).
+
+Two more things are measured in the same pass, for the edits a search space may choose:
+the harmless mean at every layer (the "orthogonal" direction is r_l with its component
+along that mean removed, as projected abliteration does), and up to three further
+directions per layer for a refusal subspace: the leading eigenvectors of
+cov(harmful) − cov(harmless) orthogonal to r_l (contrastive principal components: the
+directions along which harmful prompts spread more than harmless ones, so that topic
+variance both sets share cancels).
 """
 
 from __future__ import annotations
@@ -26,8 +34,11 @@ from optimizer.engine.model import (
     forward,
     pad_left,
 )
+from optimizer.engine.profile import DIRECTION_KINDS, MAX_DIRECTIONS
 
-MEASURE_VERSION = 1  # bump when the measurement itself changes, so caches re-measure
+MEASURE_VERSION = 2  # bump when the measurement itself changes, so caches re-measure
+# 2: also the harmless means and the contrastive principal components
+
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,8 @@ class Directions:
     n_harmless: int
     fingerprint: str
     seconds: float
+    harmless_mean: np.ndarray | None = None  # (L, D) float32
+    components: np.ndarray | None = None  # (L, MAX_DIRECTIONS − 1, D) float32, unit rows ⟂ vectors[l]
 
     @property
     def n_layers(self) -> int:
@@ -59,6 +72,81 @@ class Directions:
         t = index - low
         blended = (1 - t) * self.vectors[low] + t * self.vectors[high]
         return (blended / np.linalg.norm(blended)).astype(np.float32)
+
+    def basis(self, kind: str, n: int) -> np.ndarray:
+        """(L, n, D) orthonormal rows per layer: the direction of ``kind`` first, then the
+        n − 1 leading principal components (both made orthogonal to the harmless mean for
+        ``kind = "orthogonal"``)."""
+        if kind not in DIRECTION_KINDS:
+            raise ValueError(f"unknown direction kind {kind!r}; expected one of {', '.join(DIRECTION_KINDS)}")
+        if not 1 <= n <= MAX_DIRECTIONS:
+            raise ValueError(f"n must be within 1..{MAX_DIRECTIONS}, got {n}")
+        needed = {"harmless_mean": kind == "orthogonal", "components": n > 1}
+        missing = [name for name, need in needed.items() if need and getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"these directions were measured without {', '.join(missing)}; measure again")
+        rows = self.vectors[:, None, :].astype(np.float64)
+        if n > 1:
+            rows = np.concatenate([rows, self.components[:, : n - 1].astype(np.float64)], axis=1)
+        if kind == "orthogonal":
+            mean = self.harmless_mean.astype(np.float64)
+            mean = mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+            rows = rows - np.einsum("lkd,ld->lk", rows, mean)[..., None] * mean[:, None, :]
+        return orthonormal_rows(rows)
+
+    def interpolated_basis(self, kind: str, n: int, index: float) -> np.ndarray:
+        """(n, D) orthonormal rows at a fractional layer index: each row a blend of the two
+        neighbours' (signs of the principal components aligned first), then orthonormalized in
+        order, so the first row is the blended refusal direction."""
+        rows = self.basis(kind, n)
+        index = float(np.clip(index, 0, self.n_layers - 1))
+        low = int(np.floor(index))
+        high = min(low + 1, self.n_layers - 1)
+        t = index - low
+        a, b = rows[low].astype(np.float64), rows[high].astype(np.float64)
+        # A principal component's sign is arbitrary; the refusal direction's is not.
+        signs = np.where(np.sum(a * b, axis=1) < 0, -1.0, 1.0)
+        signs[0] = 1.0
+        return orthonormal_rows((1 - t) * a + t * signs[:, None] * b)
+
+
+def orthonormal_rows(rows: np.ndarray) -> np.ndarray:
+    """Gram–Schmidt over the last-but-one axis (in order, in float64): float32 unit rows, each
+    orthogonal to the rows before it; the first row keeps its direction."""
+    rows = np.array(rows, dtype=np.float64)
+    for i in range(rows.shape[-2]):
+        for j in range(i):
+            rows[..., i, :] -= np.sum(rows[..., i, :] * rows[..., j, :], axis=-1, keepdims=True) * rows[..., j, :]
+        rows[..., i, :] /= np.maximum(np.linalg.norm(rows[..., i, :], axis=-1, keepdims=True), 1e-12)
+    return rows.astype(np.float32)
+
+
+def contrastive_components(harmful: np.ndarray, harmless: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    """(L, k, D): per layer, the k leading eigenvectors of cov(harmful) − cov(harmless)
+    restricted to the complement of ``vectors[l]``.
+
+    The difference of covariances has rank at most N_harmful + N_harmless, so it is
+    diagonalized inside the span of the centred residuals (a thin QR), never as a D × D
+    matrix. Signs are fixed so that each vector's largest entry is positive.
+    """
+    n_layers, size = vectors.shape
+    out = np.zeros((n_layers, k, size), dtype=np.float32)
+    for layer in range(n_layers):
+        r = vectors[layer].astype(np.float64)
+        parts = []
+        for residuals in (harmful[:, layer], harmless[:, layer]):
+            centred = residuals.astype(np.float64) - residuals.mean(axis=0, dtype=np.float64)
+            parts.append(centred - np.outer(centred @ r, r))
+        stacked = np.concatenate(parts)
+        weights = np.concatenate([np.full(len(parts[0]), 1 / len(parts[0])), np.full(len(parts[1]), -1 / len(parts[1]))])
+        q, upper = np.linalg.qr(stacked.T)  # stacked.T = q @ upper, q: (D, m)
+        values, vectors_small = np.linalg.eigh(upper @ (weights[:, None] * upper.T))
+        top = q @ vectors_small[:, np.argsort(values)[::-1][:k]]  # (D, k)
+        top = top - np.outer(r, r @ top)
+        top = orthonormal_rows(top.T)
+        signs = np.sign(top[np.arange(len(top)), np.argmax(np.abs(top), axis=1)])
+        out[layer, : len(top)] = top * signs[:, None]
+    return out
 
 
 def fingerprint(
@@ -110,14 +198,17 @@ def directions_from_residuals(harmful: np.ndarray, harmless: np.ndarray, fingerp
     projected_harmless = np.einsum("nld,ld->nl", harmless, vectors)
     pooled = np.sqrt((projected_harmful.var(axis=0) + projected_harmless.var(axis=0)) / 2)
     separation = (projected_harmful.mean(axis=0) - projected_harmless.mean(axis=0)) / np.maximum(pooled, 1e-12)
+    vectors = vectors.astype(np.float32)
     return Directions(
-        vectors=vectors.astype(np.float32),
+        vectors=vectors,
         separation=separation.astype(np.float32),
         mean_gap=norms.astype(np.float32),
         n_harmful=len(harmful),
         n_harmless=len(harmless),
         fingerprint=fingerprint,
         seconds=seconds,
+        harmless_mean=harmless.mean(axis=0, dtype=np.float64).astype(np.float32),
+        components=contrastive_components(harmful, harmless, vectors, MAX_DIRECTIONS - 1),
     )
 
 
@@ -153,6 +244,7 @@ def to_bytes(directions: Directions) -> bytes:
         mean_gap=directions.mean_gap,
         counts=np.array([directions.n_harmful, directions.n_harmless]),
         seconds=np.array(directions.seconds),
+        **{name: getattr(directions, name) for name in ("harmless_mean", "components") if getattr(directions, name) is not None},
     )
     return buffer.getvalue()
 
@@ -168,4 +260,6 @@ def from_bytes(payload: bytes, key: str) -> Directions:
             n_harmless=int(archive["counts"][1]),
             fingerprint=key,
             seconds=float(archive["seconds"]),
+            harmless_mean=archive["harmless_mean"] if "harmless_mean" in archive else None,
+            components=archive["components"] if "components" in archive else None,
         )
