@@ -219,7 +219,7 @@ def abandon(trial: optuna.Trial, reason: str) -> None:
 def run_trial(worker: Worker, trial: optuna.Trial) -> TrialResult:
     """Steer as the trial's parameters say and score it (its constraint is set on the trial)."""
     start = time.perf_counter()
-    params = suggest(trial, worker.config.search_space, worker.model.loaded.n_layers)
+    params = suggest(trial, worker.config.search_space, worker.model.loaded.n_layers, post_norm=worker.model.loaded.post_norm)
     weights = worker.model.steer(params)
     kl_start = time.perf_counter()
     kl = worker.evaluator.kl_divergence()
