@@ -440,32 +440,31 @@ def test_batched_measurement_equals_one_prompt_at_a_time(arch, saved_model):
 
 
 def test_direction_kinds_and_subspaces_from_residuals():
-    """The orthogonal kind is ⟂ the harmless mean; extra directions are the contrastive
-    principal components (harmful spread minus harmless spread), ⟂ the refusal direction."""
-    from optimizer.engine.directions import from_bytes, to_bytes
+    """The orthogonal kind is ⟂ the harmless mean; a subspace is the layer's direction and its
+    nearest layers' ones, orthonormalized in that order."""
+    from optimizer.engine.directions import from_bytes, neighbour_layers, to_bytes
 
     rng = np.random.default_rng(0)
-    n, layers, d = 400, 3, 12
+    n, layers, d = 64, 5, 12
     harmless = rng.normal(size=(n, layers, d)) + 3.0  # a large common mean, as real residuals have
     harmful = rng.normal(size=(n, layers, d)) + 3.0
-    harmful[:, :, 0] += 2.0  # the refusal shift
-    harmful[:, :, 1] += rng.normal(size=(n, layers)) * 3.0  # extra spread along axis 1 only in harmful prompts
-    harmful[:, :, 2] += rng.normal(size=(n, layers)) * 2.0  # less along axis 2
-    harmless[:, :, 3] += rng.normal(size=(n, layers)) * 2.0  # spread both sets share: not a refusal component
-    harmful[:, :, 3] += rng.normal(size=(n, layers)) * 2.0
+    harmful[:, :, 0] += 2.0  # the refusal shift...
+    harmful[:, :, 1] += np.linspace(0, 2, layers)  # ...turning across the layers
     directions = from_bytes(to_bytes(directions_from_residuals(harmful.astype(np.float32), harmless.astype(np.float32))), "k")
-    assert directions.components.shape == (layers, 3, d)
+    assert directions.harmless_mean.shape == (layers, d)
 
-    plain = directions.basis("difference", 1)
-    assert np.array_equal(plain[:, 0], directions.vectors)
+    assert np.array_equal(directions.basis("difference", 1)[:, 0], directions.vectors)
+    assert neighbour_layers(0, 5, 3) == [1, 2, 3] and neighbour_layers(2, 5, 3) == [3, 1, 4]
     for kind in ("difference", "orthogonal"):
         rows = directions.basis(kind, 4)
         gram = np.einsum("lkd,ljd->lkj", rows, rows)
         assert np.abs(gram - np.eye(4)).max() < 1e-5
-    # The components lead with the harmful-only spread, largest first, and never pick the shared one.
-    top = directions.components[:, :2]
-    assert np.abs(top[:, 0, 1]).min() > 0.9 and np.abs(top[:, 1, 2]).min() > 0.8
-    assert np.abs(np.einsum("lkd,ld->lk", directions.components, directions.vectors)).max() < 1e-5
+    rows = directions.basis("difference", 3)
+    for layer in range(layers):
+        spanned = directions.vectors[[layer, *neighbour_layers(layer, layers, 2)]]
+        # The same span, with the layer's own direction first.
+        assert np.abs(spanned - (spanned @ rows[layer].T) @ rows[layer]).max() < 1e-5
+        assert np.allclose(rows[layer, 0], directions.vectors[layer], atol=1e-6)
     orthogonal = directions.basis("orthogonal", 2)
     mean = directions.harmless_mean / np.linalg.norm(directions.harmless_mean, axis=1, keepdims=True)
     assert np.abs(np.einsum("lkd,ld->lk", orthogonal, mean)).max() < 1e-5
@@ -473,6 +472,8 @@ def test_direction_kinds_and_subspaces_from_residuals():
     assert np.abs(np.sum(orthogonal[:, 0] * directions.vectors, axis=1)).max() < 0.9999
     # One direction at a fractional layer: the original interpolation, whatever the kind's code path.
     assert np.allclose(directions.interpolated_basis("difference", 1, 0.4)[0], directions.interpolated(0.4), atol=1e-6)
+    with pytest.raises(ValueError):
+        directions.basis("difference", layers + 1)
 
 
 def test_direction_cache_measures_once(tmp_path, saved_model):

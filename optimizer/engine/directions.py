@@ -6,13 +6,11 @@ the generation prompt), captured from the model's own forward pass. Index 0 is t
 of the first decoder layer; the embedding output is not used (no layer reads it after
 steering, and its difference-in-means carries only token identity).
 
-Two more things are measured in the same pass, for the edits a search space may choose:
-the harmless mean at every layer (the "orthogonal" direction is r_l with its component
-along that mean removed, as projected abliteration does), and up to three further
-directions per layer for a refusal subspace: the leading eigenvectors of
-cov(harmful) − cov(harmless) orthogonal to r_l (contrastive principal components: the
-directions along which harmful prompts spread more than harmless ones, so that topic
-variance both sets share cancels).
+The same pass keeps the harmless mean at every layer: the "orthogonal" direction is r_l
+with its component along that mean removed, as projected abliteration does. A refusal
+subspace of k directions at layer l is r_l and the directions measured at the k − 1 nearest
+layers, orthonormalized in that order (measured on the organism against contrastive
+principal components, see the README's "Better edits").
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ from optimizer.engine.model import (
 from optimizer.engine.profile import DIRECTION_KINDS, MAX_DIRECTIONS
 
 MEASURE_VERSION = 2  # bump when the measurement itself changes, so caches re-measure
-# 2: also the harmless means and the contrastive principal components
+# 2: also the harmless means
 
 
 
@@ -53,7 +51,6 @@ class Directions:
     fingerprint: str
     seconds: float
     harmless_mean: np.ndarray | None = None  # (L, D) float32
-    components: np.ndarray | None = None  # (L, MAX_DIRECTIONS − 1, D) float32, unit rows ⟂ vectors[l]
 
     @property
     def n_layers(self) -> int:
@@ -74,20 +71,19 @@ class Directions:
         return (blended / np.linalg.norm(blended)).astype(np.float32)
 
     def basis(self, kind: str, n: int) -> np.ndarray:
-        """(L, n, D) orthonormal rows per layer: the direction of ``kind`` first, then the
-        n − 1 leading principal components (both made orthogonal to the harmless mean for
+        """(L, n, D) orthonormal rows per layer: the direction of ``kind`` first, then those of
+        the n − 1 nearest layers (all made orthogonal to the layer's harmless mean for
         ``kind = "orthogonal"``)."""
         if kind not in DIRECTION_KINDS:
             raise ValueError(f"unknown direction kind {kind!r}; expected one of {', '.join(DIRECTION_KINDS)}")
         if not 1 <= n <= MAX_DIRECTIONS:
             raise ValueError(f"n must be within 1..{MAX_DIRECTIONS}, got {n}")
-        needed = {"harmless_mean": kind == "orthogonal", "components": n > 1}
-        missing = [name for name, need in needed.items() if need and getattr(self, name) is None]
-        if missing:
-            raise ValueError(f"these directions were measured without {', '.join(missing)}; measure again")
-        rows = self.vectors[:, None, :].astype(np.float64)
-        if n > 1:
-            rows = np.concatenate([rows, self.components[:, : n - 1].astype(np.float64)], axis=1)
+        if n > self.n_layers:
+            raise ValueError(f"{n} directions need as many layers; the model has {self.n_layers}")
+        if kind == "orthogonal" and self.harmless_mean is None:
+            raise ValueError("these directions were measured without the harmless means; measure again")
+        order = [[layer, *neighbour_layers(layer, self.n_layers, n - 1)] for layer in range(self.n_layers)]
+        rows = self.vectors[np.array(order)].astype(np.float64)  # (L, n, D)
         if kind == "orthogonal":
             mean = self.harmless_mean.astype(np.float64)
             mean = mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
@@ -96,18 +92,24 @@ class Directions:
 
     def interpolated_basis(self, kind: str, n: int, index: float) -> np.ndarray:
         """(n, D) orthonormal rows at a fractional layer index: each row a blend of the two
-        neighbours' (signs of the principal components aligned first), then orthonormalized in
-        order, so the first row is the blended refusal direction."""
+        neighbouring layers' rows, then orthonormalized in order, so the first row is the
+        blended refusal direction."""
         rows = self.basis(kind, n)
         index = float(np.clip(index, 0, self.n_layers - 1))
         low = int(np.floor(index))
         high = min(low + 1, self.n_layers - 1)
         t = index - low
-        a, b = rows[low].astype(np.float64), rows[high].astype(np.float64)
-        # A principal component's sign is arbitrary; the refusal direction's is not.
-        signs = np.where(np.sum(a * b, axis=1) < 0, -1.0, 1.0)
-        signs[0] = 1.0
-        return orthonormal_rows((1 - t) * a + t * signs[:, None] * b)
+        return orthonormal_rows((1 - t) * rows[low].astype(np.float64) + t * rows[high].astype(np.float64))
+
+
+def neighbour_layers(layer: int, n_layers: int, k: int) -> list[int]:
+    """The k layers nearest to ``layer`` (after, before, two after, ...), within the model."""
+    found = []
+    for step in range(1, n_layers):
+        for candidate in (layer + step, layer - step):
+            if 0 <= candidate < n_layers and len(found) < k:
+                found.append(candidate)
+    return found
 
 
 def orthonormal_rows(rows: np.ndarray) -> np.ndarray:
@@ -119,34 +121,6 @@ def orthonormal_rows(rows: np.ndarray) -> np.ndarray:
             rows[..., i, :] -= np.sum(rows[..., i, :] * rows[..., j, :], axis=-1, keepdims=True) * rows[..., j, :]
         rows[..., i, :] /= np.maximum(np.linalg.norm(rows[..., i, :], axis=-1, keepdims=True), 1e-12)
     return rows.astype(np.float32)
-
-
-def contrastive_components(harmful: np.ndarray, harmless: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
-    """(L, k, D): per layer, the k leading eigenvectors of cov(harmful) − cov(harmless)
-    restricted to the complement of ``vectors[l]``.
-
-    The difference of covariances has rank at most N_harmful + N_harmless, so it is
-    diagonalized inside the span of the centred residuals (a thin QR), never as a D × D
-    matrix. Signs are fixed so that each vector's largest entry is positive.
-    """
-    n_layers, size = vectors.shape
-    out = np.zeros((n_layers, k, size), dtype=np.float32)
-    for layer in range(n_layers):
-        r = vectors[layer].astype(np.float64)
-        parts = []
-        for residuals in (harmful[:, layer], harmless[:, layer]):
-            centred = residuals.astype(np.float64) - residuals.mean(axis=0, dtype=np.float64)
-            parts.append(centred - np.outer(centred @ r, r))
-        stacked = np.concatenate(parts)
-        weights = np.concatenate([np.full(len(parts[0]), 1 / len(parts[0])), np.full(len(parts[1]), -1 / len(parts[1]))])
-        q, upper = np.linalg.qr(stacked.T)  # stacked.T = q @ upper, q: (D, m)
-        values, vectors_small = np.linalg.eigh(upper @ (weights[:, None] * upper.T))
-        top = q @ vectors_small[:, np.argsort(values)[::-1][:k]]  # (D, k)
-        top = top - np.outer(r, r @ top)
-        top = orthonormal_rows(top.T)
-        signs = np.sign(top[np.arange(len(top)), np.argmax(np.abs(top), axis=1)])
-        out[layer, : len(top)] = top * signs[:, None]
-    return out
 
 
 def fingerprint(
@@ -208,7 +182,6 @@ def directions_from_residuals(harmful: np.ndarray, harmless: np.ndarray, fingerp
         fingerprint=fingerprint,
         seconds=seconds,
         harmless_mean=harmless.mean(axis=0, dtype=np.float64).astype(np.float32),
-        components=contrastive_components(harmful, harmless, vectors, MAX_DIRECTIONS - 1),
     )
 
 
@@ -244,7 +217,7 @@ def to_bytes(directions: Directions) -> bytes:
         mean_gap=directions.mean_gap,
         counts=np.array([directions.n_harmful, directions.n_harmless]),
         seconds=np.array(directions.seconds),
-        **{name: getattr(directions, name) for name in ("harmless_mean", "components") if getattr(directions, name) is not None},
+        **({"harmless_mean": directions.harmless_mean} if directions.harmless_mean is not None else {}),
     )
     return buffer.getvalue()
 
@@ -261,5 +234,4 @@ def from_bytes(payload: bytes, key: str) -> Directions:
             fingerprint=key,
             seconds=float(archive["seconds"]),
             harmless_mean=archive["harmless_mean"] if "harmless_mean" in archive else None,
-            components=archive["components"] if "components" in archive else None,
         )

@@ -130,6 +130,9 @@ class SearchSpace:
                                 f"{low:g} layers on a model with {n_layers} layers; it must be > 0, "
                                 "e.g. 1")
             resolved[r.name] = (low, high)
+        if max(self.n_directions) > n_layers:
+            raise UserError(f"{self.path}: n_directions: {max(self.n_directions)} directions per layer need "
+                            f"as many layers; the model has {n_layers}")
         return resolved
 
     def fingerprint(self) -> str:
