@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 SHAPES = ("bell", "tent")
 DIRECTION_KINDS = ("difference", "orthogonal")  # "orthogonal": made orthogonal to the harmless mean
-MAX_DIRECTIONS = 4  # the refusal direction and up to three principal components per layer
+MAX_DIRECTIONS = 4  # per layer: its refusal direction and up to three of its nearest layers'
 
 
 def _check(shape: str, max_weight: float, min_weight: float, min_weight_distance: float) -> None:
@@ -97,7 +97,7 @@ class AblationParams:
     direction_index: float | None
     components: dict[str, ComponentProfile]
     direction_kind: str = "difference"  # or "orthogonal": made orthogonal to the harmless mean
-    n_directions: int = 1  # the refusal direction plus n − 1 principal components per layer
+    n_directions: int = 1  # the layer's refusal direction plus those of its n − 1 nearest layers
     norm_preserving: bool = False  # each edited column keeps its norm
     post_norm: bool = False  # removal through the output norm of post-norm layers (gemma3 …)
 

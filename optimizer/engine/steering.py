@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-
-from optimizer.engine.bake import dequantized_weight, norm_factor, target_basis
+from optimizer.engine.bake import QUANTIZED_TYPES, dequantized_weight, norm_factor, target_basis
 from optimizer.engine.model import COMPONENTS, Target
 from optimizer.engine.patch import patch, set_private, unpatch
 
@@ -76,7 +73,7 @@ def _column_sq(module: Any) -> mx.array:
 def _along(module: Any, rows: mx.array) -> mx.array:
     """UᵀW from the projection's own (packed) weight: (k, in) or (experts, k, in), float32."""
     rows = rows.astype(_float_dtype(module))
-    if not isinstance(module, (nn.QuantizedLinear, QuantizedSwitchLinear)):
+    if not isinstance(module, QUANTIZED_TYPES):
         return (rows @ module["weight"]).astype(mx.float32)
     packed, scales, biases = module["weight"], module["scales"], module.get("biases")
     kwargs = dict(transpose=False, group_size=module.group_size, bits=module.bits, mode=module.mode)
