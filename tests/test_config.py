@@ -182,6 +182,19 @@ def test_fingerprint_ignores_formatting_but_not_ranges(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{64}", base)
 
 
+def test_edit_choices_default_to_the_original_edit_and_keep_old_fingerprints(tmp_path):
+    plain = load_search_space(str(write(tmp_path, "a.toml", SPACE)))
+    assert (plain.direction_kinds, plain.n_directions, plain.norm_preserving) == (("difference",), (1,), (False,))
+    # Written out at their defaults, the edit keys change nothing: studies made before them resume.
+    explicit = 'direction_kind = "difference"\nn_directions = 1\nnorm_preserving = false\n' + SPACE
+    assert load_search_space(str(write(tmp_path, "b.toml", explicit))).fingerprint() == plain.fingerprint()
+    searched = 'direction_kind = ["difference", "orthogonal"]\nn_directions = [1, 2]\nnorm_preserving = [false, true]\n' + SPACE
+    space = load_search_space(str(write(tmp_path, "c.toml", searched)))
+    assert (space.direction_kinds, space.n_directions, space.norm_preserving) == (
+        ("difference", "orthogonal"), (1, 2), (False, True))
+    assert space.fingerprint() != plain.fingerprint()
+
+
 @pytest.mark.parametrize(
     "old, new, expected",
     [
@@ -215,6 +228,13 @@ def test_fingerprint_ignores_formatting_but_not_ranges(tmp_path):
         ("min_weight_fraction = [0.0, 1.0]\nmin_weight_distance = [1, \"60%\"]\n\n[mlp]",
          "min_weight_fraction = [0.0, 1.0]\n\n[mlp]", "attn.min_weight_distance: missing; add it under [attn]"),
         ("[attn]\n", "[attn]\nenabled = false\n", None),  # one disabled component is fine
+        ('shape = "bell"', 'shape = "bell"\ndirection_kind = "orth"', 'direction_kind: expected "difference" | "orthogonal"'),
+        ('shape = "bell"', 'shape = "bell"\nn_directions = 5', "n_directions: expected a whole number of directions within 1..4"),
+        ('shape = "bell"', 'shape = "bell"\nn_directions = true', "n_directions: expected a whole number"),
+        ('shape = "bell"', 'shape = "bell"\nn_directions = [1, 1]', "n_directions: expected a whole number"),
+        ('shape = "bell"', 'shape = "bell"\nnorm_preserving = "yes"', "norm_preserving: expected true, false or [false, true]"),
+        ('shape = "bell"', 'shape = "bell"\nnorm_preserving = []', "norm_preserving: expected true, false"),
+        ("[attn]\n", "[attn]\nn_directions = 2\n", "unknown key 'attn.n_directions'; it belongs at the top of the file"),
     ],
 )
 def test_search_space_errors(tmp_path, old, new, expected):

@@ -23,7 +23,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from optimizer.engine.bake import ablate_bias, ablate_matrix, bake_into, dequantized_weight
 from optimizer.study.storage import OnceStore
-from optimizer.engine.directions import directions_from_residuals, last_token_residuals, measure
+from optimizer.engine.directions import directions_from_residuals, last_token_residuals, measure, orthonormal_rows
 from optimizer.study.steered import cache_key, cached_directions
 from optimizer.engine.evaluate import EvalSettings, Evaluator, greedy_generate
 from optimizer.engine.markers import find_refusal, load_markers
@@ -80,6 +80,25 @@ def relative(a: mx.array, b: mx.array) -> float:
 def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
     rows = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def subspaces(n: int, k: int, d: int, seed: int = 0) -> np.ndarray:
+    """(n, k, d): k orthonormal random rows per layer."""
+    return orthonormal_rows(np.random.default_rng(seed).normal(size=(n, k, d)))
+
+
+# The new edits, as Steering.set / bake_into options and directions of k rows per layer (k = 1: (L, D)).
+EDITS = {
+    "norm-preserving": ({"norm_preserving": True}, 1),
+    "subspace": ({}, 3),
+    "post-norm": ({"post_norm": True}, 1),
+    "all": ({"norm_preserving": True, "post_norm": True}, 3),
+}
+
+
+def edit_directions(loaded, k: int, seed: int = 5) -> np.ndarray:
+    rows = subspaces(loaded.n_layers, k, loaded.hidden_size, seed)
+    return rows[:, 0] if k == 1 else rows
 
 
 def profile(n_layers: int, seed: int = 0) -> dict[str, list[float]]:
@@ -232,11 +251,99 @@ def test_steering_equals_baked_weights_with_biases(quant, saved_model):
     assert relative(logits_of(steered), logits_of(baked)) <= 1e-4
 
 
+@pytest.mark.parametrize("edit", EDITS)
+@pytest.mark.parametrize("arch, quant", MODEL_CASES)
+def test_every_edit_at_runtime_equals_baked_weights(arch, quant, edit, saved_model):
+    """Norm-preserving, subspace and post-norm edits: steering ≡ the baked weights; weights 0 ≡ untouched."""
+    options, k = EDITS[edit]
+    path = saved_model(arch, quant)
+    steered, baked = load(path), load(path)
+    reference = logits_of(steered)
+    directions, weights = edit_directions(steered, k), profile(steered.n_layers, seed=7)
+    steering = install(steered.targets)
+    steering.set({c: [0.0] * steered.n_layers for c in weights}, directions, **options)
+    assert max_abs(logits_of(steered), reference) <= 1e-6
+    steering.set(weights, directions, **options)
+    runtime = logits_of(steered)
+    bake_into(baked, baked.targets, weights, directions, **options)
+    assert relative(runtime, reference) > 1e-2, "the edit must change the logits for this test to mean anything"
+    assert relative(runtime, logits_of(baked)) <= 1e-4
+
+
+def test_norm_preserving_bake_keeps_every_column_norm():
+    rng = np.random.default_rng(0)
+    basis = subspaces(1, 2, 16)[0]
+    for weight in (mx.array(rng.normal(size=(16, 24)).astype(np.float32)), mx.array(rng.normal(size=(3, 16, 24)).astype(np.float32))):
+        for scale in (0.5, 1.0, 1.3):
+            edited = ablate_matrix(weight, basis, scale, norm_preserving=True)
+            norms, before = mx.linalg.norm(edited, axis=-2), mx.linalg.norm(weight, axis=-2)
+            assert max_abs(norms, before) / mx.abs(before).max().item() < 1e-5
+            # ...and removes the subspace as the plain edit does (weight 1: nothing left along it).
+            plain = ablate_matrix(weight, basis, scale)
+            assert max_abs(mx.array(basis) @ edited, (1 - scale) * (mx.array(basis) @ weight) * (norms / mx.linalg.norm(plain, axis=-2))[..., None, :]) < 1e-4
+
+
+class BlockOutputs:
+    """What each decoder layer adds to the residual stream (its output minus its input)."""
+
+    def __init__(self, model) -> None:
+        self.layers = model.layers if hasattr(model, "layers") else model.model.layers
+        self.added: list[mx.array] = []
+        for layer in self.layers:
+            set_private(layer, _test_sink=self.added)
+            patch(layer, _block_hook)
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            unpatch(layer)
+
+
+def _block_hook(layer, base_call, x, *args, **kwargs):
+    out = base_call(layer, x, *args, **kwargs)
+    hidden = out[0] if isinstance(out, tuple) else out
+    layer._test_sink.append((hidden - x).astype(mx.float32))
+    return out
+
+
+def left_along(loaded, directions: np.ndarray, options: dict) -> float:
+    """The largest share of a block's contribution to the residual left along its layer's
+    directions, every projection steered with weight 1."""
+    steering = install(loaded.targets)
+    steering.set({c: [1.0] * loaded.n_layers for c in ("attn", "mlp")}, directions, **options)
+    blocks = BlockOutputs(loaded.model)
+    try:
+        logits_of(loaded)
+    finally:
+        blocks.remove()
+        steering.remove()
+    worst = 0.0
+    for layer, added in enumerate(blocks.added):
+        rows = mx.array(np.atleast_2d(directions[layer]))
+        along = mx.linalg.norm(added @ rows.T, axis=-1)
+        worst = max(worst, (along / mx.maximum(mx.linalg.norm(added, axis=-1), 1e-30)).max().item())
+    return worst
+
+
+@pytest.mark.parametrize("edit", ["plain", "norm-preserving", "subspace"])
+@pytest.mark.parametrize("arch, quant", MODEL_CASES)
+def test_weight_one_leaves_nothing_along_the_directions_in_the_residual(arch, quant, edit, saved_model):
+    """At weight 1 everywhere, each block adds nothing along its layer's directions: on a
+    post-norm model (gemma3) that needs the edit taken through the output norms."""
+    loaded = load(saved_model(arch, quant))
+    options, k = EDITS.get(edit, ({}, 1))
+    directions = edit_directions(loaded, k, seed=11)
+    assert left_along(loaded, directions, {**options, "post_norm": True}) <= 1e-5
+    if loaded.post_norm and edit == "plain":
+        # Removed before the norm, a direction comes back through the norm's weights.
+        assert left_along(loaded, directions, options) > 1e-3
+
+
 # -- quantized models stay quantized ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("edit", ["plain", "all"])
 @pytest.mark.parametrize("arch, quant", QUANTIZED_CASES)
-def test_quantized_model_stays_quantized_while_steered(arch, quant, saved_model):
+def test_quantized_model_stays_quantized_while_steered(arch, quant, edit, saved_model):
     loaded = load(saved_model(arch, quant))
     model = loaded.model
     quantized = (nn.QuantizedLinear, QuantizedSwitchLinear)
@@ -261,7 +368,8 @@ def test_quantized_model_stays_quantized_while_steered(arch, quant, saved_model)
         return mx.get_peak_memory() - start
 
     unsteered_peak = peak_of_forward()
-    steering.set(profile(loaded.n_layers), unit_rows(loaded.n_layers, loaded.hidden_size))
+    options, k = EDITS.get(edit, ({}, 1))
+    steering.set(profile(loaded.n_layers), edit_directions(loaded, k), **options)
     steered_peak = peak_of_forward()
     assert evaluator.kl_divergence() > 0
     evaluator.refusals()
@@ -273,10 +381,14 @@ def test_quantized_model_stays_quantized_while_steered(arch, quant, saved_model)
         assert value is parameters[name], name
         assert mx.array_equal(value, copies[name]).item(), name
     assert all(isinstance(t.module, quantized) and t.module["weight"].dtype == mx.uint32 for t in loaded.targets)
-    # Steering attached only direction vectors: no array of a weight's size is held anywhere.
+    # Steering attached only direction vectors (and, norm-preserving, one factor per input
+    # channel of each matrix, per expert): no array of a weight's size is held anywhere.
     new_arrays = [a for i, a in reachable_arrays(model).items() if i not in arrays_before]
     assert new_arrays, "the steering state (directions) should be visible to this check"
-    assert all(a.ndim == 1 and a.size == loaded.hidden_size for a in new_arrays), [a.shape for a in new_arrays]
+    allowed = {(loaded.hidden_size,), (k, loaded.hidden_size)}
+    if options.get("norm_preserving"):
+        allowed |= {tuple(t.module["scales"].shape[:-2]) + (t.module["scales"].shape[-1] * t.module.group_size,) for t in loaded.targets}
+    assert all(tuple(a.shape) in allowed for a in new_arrays), [a.shape for a in new_arrays]
     # A whole steered one-token forward pass allocates less than one dense weight matrix
     # (a dequantized copy of any target would be at least that), and about what an
     # unsteered pass does.
@@ -325,6 +437,43 @@ def test_batched_measurement_equals_one_prompt_at_a_time(arch, saved_model):
     single = directions_from_residuals(*residuals[1])
     cosines = np.sum(batched.vectors * single.vectors, axis=1)
     assert cosines.min() >= 0.9999, cosines
+
+
+def test_direction_kinds_and_subspaces_from_residuals():
+    """The orthogonal kind is ⟂ the harmless mean; a subspace is the layer's direction and its
+    nearest layers' ones, orthonormalized in that order."""
+    from optimizer.engine.directions import from_bytes, neighbour_layers, to_bytes
+
+    rng = np.random.default_rng(0)
+    n, layers, d = 64, 5, 12
+    harmless = rng.normal(size=(n, layers, d)) + 3.0  # a large common mean, as real residuals have
+    harmful = rng.normal(size=(n, layers, d)) + 3.0
+    harmful[:, :, 0] += 2.0  # the refusal shift...
+    harmful[:, :, 1] += np.linspace(0, 2, layers)  # ...turning across the layers
+    directions = from_bytes(to_bytes(directions_from_residuals(harmful.astype(np.float32), harmless.astype(np.float32))), "k")
+    assert directions.harmless_mean.shape == (layers, d)
+
+    assert np.array_equal(directions.basis("difference", 1)[:, 0], directions.vectors)
+    assert neighbour_layers(0, 5, 3) == [1, 2, 3] and neighbour_layers(2, 5, 3) == [3, 1, 4]
+    for kind in ("difference", "orthogonal"):
+        rows = directions.basis(kind, 4)
+        gram = np.einsum("lkd,ljd->lkj", rows, rows)
+        assert np.abs(gram - np.eye(4)).max() < 1e-5
+    rows = directions.basis("difference", 3)
+    for layer in range(layers):
+        spanned = directions.vectors[[layer, *neighbour_layers(layer, layers, 2)]]
+        # The same span, with the layer's own direction first.
+        assert np.abs(spanned - (spanned @ rows[layer].T) @ rows[layer]).max() < 1e-5
+        assert np.allclose(rows[layer, 0], directions.vectors[layer], atol=1e-6)
+    orthogonal = directions.basis("orthogonal", 2)
+    mean = directions.harmless_mean / np.linalg.norm(directions.harmless_mean, axis=1, keepdims=True)
+    assert np.abs(np.einsum("lkd,ld->lk", orthogonal, mean)).max() < 1e-5
+    # The difference direction leans on the mean here; its orthogonal version differs from it.
+    assert np.abs(np.sum(orthogonal[:, 0] * directions.vectors, axis=1)).max() < 0.9999
+    # One direction at a fractional layer: the original interpolation, whatever the kind's code path.
+    assert np.allclose(directions.interpolated_basis("difference", 1, 0.4)[0], directions.interpolated(0.4), atol=1e-6)
+    with pytest.raises(ValueError):
+        directions.basis("difference", layers + 1)
 
 
 def test_direction_cache_measures_once(tmp_path, saved_model):

@@ -26,7 +26,8 @@ import pytest
 from conftest import run_abopt, write_study
 from optimizer.study.config import load_study
 from optimizer.engine.evaluate import EvalSettings, Evaluator
-from optimizer.export.edit import ExportOptions, export_tier
+from optimizer.engine.directions import orthonormal_rows
+from optimizer.export.edit import ExportOptions, TargetEdits, export_tier
 from optimizer.export.verify import Reference, VerificationFailed, reference_logits, verify
 from optimizer.export.checkpoint import checkpoint_tensors, edit_units, read_header
 from optimizer.export.publish import export_trial
@@ -218,6 +219,56 @@ def test_export_of_a_checkpoint_with_one_tensor_per_expert(arch, quant, model_di
     assert agreement.file_ok, agreement
     if quant == "dense":
         assert agreement.passed and agreement.relative <= 1e-4, agreement
+
+
+@pytest.mark.parametrize(
+    "arch, quant, hf_experts",
+    [("llama", "dense", False), ("gemma3_text", "dense", False), ("qwen3_moe", "dense", True), ("qwen3_moe", "q4", False), ("gemma3_text", "q4", False)],
+)
+def test_every_edit_exports_what_it_steers(arch, quant, hf_experts, model_dir, tmp_path):
+    """Three directions per layer, norm-preserving, through the post-norms: the written model
+    is the runtime-steered one (dense, expert by expert, re-quantized)."""
+    path = model_dir(arch, quant, hf_experts=hf_experts)
+    loaded = load_model(str(path))
+    weights, _ = steering_case(path, seed=8)
+    rows = orthonormal_rows(np.random.default_rng(8).normal(size=(loaded.n_layers, 3, loaded.hidden_size)))
+    edits = TargetEdits.of(loaded.targets, rows, norm_preserving=True, post_norm=True)
+    assert bool(edits.bases) == (arch == "gemma3_text")
+    c = case(path, weights, edits)
+    bake_to(c, tmp_path / "out")
+    agreement = verify(tmp_path / "out", c.reference, c.tier)
+    assert agreement.passed, agreement
+    assert agreement.effect_kl > 1e-4, "the steering must change the model for this test to mean anything"
+    if c.tier == "exact":
+        assert agreement.relative <= 1e-4, agreement
+    else:
+        assert agreement.bake_relative <= 1e-4, agreement
+
+
+def test_a_study_searching_the_edits_shows_and_exports_them(model_dir, tmp_path):
+    """A study on a 4-bit post-norm model whose space picks the new edits: each trial records
+    its edit, `show` says it, and the export of a trial verifies."""
+    from optimizer.study.config import BUNDLED_SEARCH_SPACES_DIR
+
+    path = model_dir("gemma3_text", "q4")
+    default = (BUNDLED_SEARCH_SPACES_DIR / "default.toml").read_text()
+    edit_keys = ("direction_kind", "n_directions", "norm_preserving")
+    kept = "\n".join(line for line in default.splitlines() if line.split("=")[0].strip() not in edit_keys)
+    space = tmp_path / "space.toml"
+    space.write_text('direction_kind = ["difference", "orthogonal"]\nn_directions = 2\nnorm_preserving = true\n' + kept)
+    study_file = write_study(tmp_path, path, name="edits", n_trials=3, search_space=str(space), optimization={"n_startup_trials": 3})
+    result = run_abopt("run", study_file, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    _, study = open_study(study_file)
+    trial = best_trial(study)
+    ablation = trial.user_attrs["ablation"]
+    assert (ablation["n_directions"], ablation["norm_preserving"], ablation["post_norm"]) == (2, True, True)
+    shown = run_abopt("show", study_file, trial.number, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert f"{ablation['direction_kind']} ×2, norm-preserving, post-norm" in shown.stdout
+    exported = run_abopt("export", study_file, trial.number, tmp_path / "out", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert "verified: requantized tier" in exported.stdout
 
 
 # -- quantized exports ---------------------------------------------------------------------------

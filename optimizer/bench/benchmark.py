@@ -305,10 +305,10 @@ class _RandomTrial:
         return choices[int(self.rng.integers(len(choices)))]
 
 
-def _random_params(space: Any, n_layers: int, rng: np.random.Generator) -> Any:
+def _random_params(space: Any, n_layers: int, rng: np.random.Generator, post_norm: bool = False) -> Any:
     from optimizer.study.sampling import suggest
 
-    return suggest(_RandomTrial(rng), space, n_layers)  # type: ignore[arg-type]
+    return suggest(_RandomTrial(rng), space, n_layers, post_norm=post_norm)  # type: ignore[arg-type]
 
 
 # -- the floor: plain mlx-lm -----------------------------------------------------------------
@@ -468,7 +468,7 @@ def run_benchmark(
         """One study trial's engine work; (set, KL, refusal) wall seconds, CPU seconds, result.
 
         Then the same trial again as a study worker scores it, with replay and screening."""
-        params = _random_params(space, loaded.n_layers, rng)
+        params = _random_params(space, loaded.n_layers, rng, loaded.post_norm)
         cpu = time.process_time()
         t0 = time.perf_counter()
         weights = steered.steer(params)

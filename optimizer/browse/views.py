@@ -50,10 +50,14 @@ def front_of(study: optuna.Study) -> list[TrialRecord]:
 
 
 def direction_text(ablation: AblationParams) -> str:
+    """Where the direction comes from and which edit removes it: 'global, layer 7.35 ·
+    difference' or 'per layer · orthogonal ×2, norm-preserving'."""
+    return f"{scope_text(ablation)} · {ablation.edit_text()}"
+
+
+def scope_text(ablation: AblationParams) -> str:
     """'global, layer 7.35' or 'per layer'."""
-    if ablation.direction_scope == "global":
-        return f"global, layer {ablation.direction_index:.2f}"
-    return "per layer"
+    return f"global, layer {ablation.direction_index:.2f}" if ablation.direction_scope == "global" else "per layer"
 
 
 def component_text(profile: ComponentProfile) -> str:
@@ -253,7 +257,8 @@ def weights_chart(layer_weights: Mapping[str, Sequence[float]]) -> Table:
 
 def profile_table(ablation: AblationParams) -> Table:
     """The four profile numbers of each component."""
-    table = Table(title=f"profile ({ablation.shape}), direction {direction_text(ablation)}", title_justify="left")
+    title = f"profile ({ablation.shape}), direction {scope_text(ablation)}\nedit: {ablation.edit_text()}"
+    table = Table(title=title, title_justify="left")
     for column in ("component", "max weight", "at layer", "min weight", "reach (layers)"):
         table.add_column(column, justify="left" if column == "component" else "right")
     for name, p in ablation.components.items():

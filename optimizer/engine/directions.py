@@ -5,6 +5,12 @@ is the residual stream after layer l at the last prompt token (chat template app
 the generation prompt), captured from the model's own forward pass. Index 0 is the output
 of the first decoder layer; the embedding output is not used (no layer reads it after
 steering, and its difference-in-means carries only token identity).
+
+The same pass keeps the harmless mean at every layer: the "orthogonal" direction is r_l
+with its component along that mean removed, as projected abliteration does. A refusal
+subspace of k directions at layer l is r_l and the directions measured at the k − 1 nearest
+layers, orthonormalized in that order (measured on the organism against contrastive
+principal components, see the README's "Better edits").
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ from optimizer.engine.model import (
     forward,
     pad_left,
 )
+from optimizer.engine.profile import DIRECTION_KINDS, MAX_DIRECTIONS
 
-MEASURE_VERSION = 1  # bump when the measurement itself changes, so caches re-measure
+MEASURE_VERSION = 2  # bump when the measurement itself changes, so caches re-measure
+# 2: also the harmless means
+
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class Directions:
     n_harmless: int
     fingerprint: str
     seconds: float
+    harmless_mean: np.ndarray | None = None  # (L, D) float32
 
     @property
     def n_layers(self) -> int:
@@ -59,6 +69,58 @@ class Directions:
         t = index - low
         blended = (1 - t) * self.vectors[low] + t * self.vectors[high]
         return (blended / np.linalg.norm(blended)).astype(np.float32)
+
+    def basis(self, kind: str, n: int) -> np.ndarray:
+        """(L, n, D) orthonormal rows per layer: the direction of ``kind`` first, then those of
+        the n − 1 nearest layers (all made orthogonal to the layer's harmless mean for
+        ``kind = "orthogonal"``)."""
+        if kind not in DIRECTION_KINDS:
+            raise ValueError(f"unknown direction kind {kind!r}; expected one of {', '.join(DIRECTION_KINDS)}")
+        if not 1 <= n <= MAX_DIRECTIONS:
+            raise ValueError(f"n must be within 1..{MAX_DIRECTIONS}, got {n}")
+        if n > self.n_layers:
+            raise ValueError(f"{n} directions need as many layers; the model has {self.n_layers}")
+        if kind == "orthogonal" and self.harmless_mean is None:
+            raise ValueError("these directions were measured without the harmless means; measure again")
+        order = [[layer, *neighbour_layers(layer, self.n_layers, n - 1)] for layer in range(self.n_layers)]
+        rows = self.vectors[np.array(order)].astype(np.float64)  # (L, n, D)
+        if kind == "orthogonal":
+            mean = self.harmless_mean.astype(np.float64)
+            mean = mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+            rows = rows - np.einsum("lkd,ld->lk", rows, mean)[..., None] * mean[:, None, :]
+        return orthonormal_rows(rows)
+
+    def interpolated_basis(self, kind: str, n: int, index: float) -> np.ndarray:
+        """(n, D) orthonormal rows at a fractional layer index: each row a blend of the two
+        neighbouring layers' rows, then orthonormalized in order, so the first row is the
+        blended refusal direction."""
+        rows = self.basis(kind, n)
+        index = float(np.clip(index, 0, self.n_layers - 1))
+        low = int(np.floor(index))
+        high = min(low + 1, self.n_layers - 1)
+        t = index - low
+        return orthonormal_rows((1 - t) * rows[low].astype(np.float64) + t * rows[high].astype(np.float64))
+
+
+def neighbour_layers(layer: int, n_layers: int, k: int) -> list[int]:
+    """The k layers nearest to ``layer`` (after, before, two after, ...), within the model."""
+    found = []
+    for step in range(1, n_layers):
+        for candidate in (layer + step, layer - step):
+            if 0 <= candidate < n_layers and len(found) < k:
+                found.append(candidate)
+    return found
+
+
+def orthonormal_rows(rows: np.ndarray) -> np.ndarray:
+    """Gram–Schmidt over the last-but-one axis (in order, in float64): float32 unit rows, each
+    orthogonal to the rows before it; the first row keeps its direction."""
+    rows = np.array(rows, dtype=np.float64)
+    for i in range(rows.shape[-2]):
+        for j in range(i):
+            rows[..., i, :] -= np.sum(rows[..., i, :] * rows[..., j, :], axis=-1, keepdims=True) * rows[..., j, :]
+        rows[..., i, :] /= np.maximum(np.linalg.norm(rows[..., i, :], axis=-1, keepdims=True), 1e-12)
+    return rows.astype(np.float32)
 
 
 def fingerprint(
@@ -110,14 +172,16 @@ def directions_from_residuals(harmful: np.ndarray, harmless: np.ndarray, fingerp
     projected_harmless = np.einsum("nld,ld->nl", harmless, vectors)
     pooled = np.sqrt((projected_harmful.var(axis=0) + projected_harmless.var(axis=0)) / 2)
     separation = (projected_harmful.mean(axis=0) - projected_harmless.mean(axis=0)) / np.maximum(pooled, 1e-12)
+    vectors = vectors.astype(np.float32)
     return Directions(
-        vectors=vectors.astype(np.float32),
+        vectors=vectors,
         separation=separation.astype(np.float32),
         mean_gap=norms.astype(np.float32),
         n_harmful=len(harmful),
         n_harmless=len(harmless),
         fingerprint=fingerprint,
         seconds=seconds,
+        harmless_mean=harmless.mean(axis=0, dtype=np.float64).astype(np.float32),
     )
 
 
@@ -153,6 +217,7 @@ def to_bytes(directions: Directions) -> bytes:
         mean_gap=directions.mean_gap,
         counts=np.array([directions.n_harmful, directions.n_harmless]),
         seconds=np.array(directions.seconds),
+        **({"harmless_mean": directions.harmless_mean} if directions.harmless_mean is not None else {}),
     )
     return buffer.getvalue()
 
@@ -168,4 +233,5 @@ def from_bytes(payload: bytes, key: str) -> Directions:
             n_harmless=int(archive["counts"][1]),
             fingerprint=key,
             seconds=float(archive["seconds"]),
+            harmless_mean=archive["harmless_mean"] if "harmless_mean" in archive else None,
         )

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
+import numpy as np
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import MODEL_REMAPPING, dequantize_model
@@ -42,6 +43,10 @@ _OUTPUTS = {
     "attn": ("o_proj", "out_proj", "dense", "c_proj", "wo"),
     "mlp": ("down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h"),
 }
+# Post-norm decoder layers (gemma2/3, olmo2) normalise each block's output before adding it to
+# the residual, under these names. A pre-norm llama also has a post_attention_layernorm, but
+# there it is the MLP's *input* norm: a layer counts as post-norm only with both.
+_POST_NORMS = {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -53,6 +58,9 @@ class Target:
     component: str
     path: str
     module: nn.Module = field(compare=False, repr=False)
+    # The norm the projection's output passes through before the residual add (post-norm
+    # architectures); None when the output is added as it is.
+    post_norm: nn.Module | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,11 @@ class LoadedModel:
     @property
     def layers(self) -> list[nn.Module]:
         return decoder_layers(self.model)
+
+    @property
+    def post_norm(self) -> bool:
+        """Whether some steered projection's output passes through a norm before the residual add."""
+        return any(t.post_norm is not None for t in self.targets)
 
 
 def resolve_model_path(source: str) -> Path:
@@ -282,7 +295,7 @@ def find_targets(model: nn.Module, hidden_size: int) -> tuple[Target, ...]:
         for path, module in layer.named_modules():
             component = _classify(path, module, hidden_size)
             if component is not None:
-                targets.append(Target(index, component, f"{prefix}.{index}.{path}", module))
+                targets.append(Target(index, component, f"{prefix}.{index}.{path}", module, _post_norm(layer, component)))
     return tuple(sorted(targets, key=lambda t: (t.layer, COMPONENTS.index(t.component), t.path)))
 
 
@@ -297,6 +310,33 @@ def _classify(path: str, module: nn.Module, hidden_size: int) -> str | None:
         if parts[0] in _CONTAINERS[component] and parts[-1] in _OUTPUTS[component]:
             return component
     return None
+
+
+def _post_norm(layer: nn.Module, component: str) -> nn.Module | None:
+    if not all(isinstance(getattr(layer, name, None), nn.Module) for name in _POST_NORMS.values()):
+        return None
+    return getattr(layer, _POST_NORMS[component])
+
+
+def norm_scale(norm: nn.Module, size: int) -> np.ndarray:
+    """The per-channel scale s of an RMS-type norm (output ∝ s ⊙ x), up to a positive factor.
+
+    Read off the module's own output on a ones vector, so any parametrisation (s = w, or
+    1 + w on Gemma) is covered; checked on a random vector, because a norm that is not a
+    per-channel rescaling (a LayerNorm subtracts the mean) has no such s.
+    """
+    probe = mx.random.normal((2, size), key=mx.random.key(0)).astype(mx.float32)
+    scale, out = norm(mx.ones((1, size), dtype=mx.float32)).astype(mx.float32), norm(probe).astype(mx.float32)
+    mx.eval(scale, out)
+    scale, out, probe = np.array(scale[0], dtype=np.float64), np.array(out, dtype=np.float64), np.array(probe, dtype=np.float64)
+    expected = scale * probe
+    ratio = np.sum(out * expected, axis=1, keepdims=True) / np.maximum(np.sum(expected * expected, axis=1, keepdims=True), 1e-30)
+    if np.abs(out - ratio * expected).max() > 1e-3 * max(np.abs(out).max(), 1e-12):
+        raise UserError(
+            f"the post-norm {type(norm).__name__} is not a per-channel rescaling of its input (an RMSNorm); "
+            "abopt cannot remove a direction through it"
+        )
+    return scale.astype(np.float32)
 
 
 def _layers_prefix(model: nn.Module) -> str:

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from optimizer.engine.directions import Directions
 
 SHAPES = ("bell", "tent")
+DIRECTION_KINDS = ("difference", "orthogonal")  # "orthogonal": made orthogonal to the harmless mean
+MAX_DIRECTIONS = 4  # per layer: its refusal direction and up to three of its nearest layers'
 
 
 def _check(shape: str, max_weight: float, min_weight: float, min_weight_distance: float) -> None:
@@ -83,12 +85,21 @@ class ComponentProfile:
 
 @dataclass(frozen=True)
 class AblationParams:
-    """Everything needed to steer a model the way one trial did."""
+    """Everything needed to steer a model the way one trial did.
+
+    The last four fields choose the edit; their defaults are the original one (one
+    difference-of-means direction, removed as it is), which is what trials stored before
+    they existed did.
+    """
 
     shape: str
     direction_scope: str
     direction_index: float | None
     components: dict[str, ComponentProfile]
+    direction_kind: str = "difference"  # or "orthogonal": made orthogonal to the harmless mean
+    n_directions: int = 1  # the layer's refusal direction plus those of its n − 1 nearest layers
+    norm_preserving: bool = False  # each edited column keeps its norm
+    post_norm: bool = False  # removal through the output norm of post-norm layers (gemma3 …)
 
     def layer_weights(self, n_layers: int) -> dict[str, np.ndarray]:
         """Per-layer weight of each steered component."""
@@ -105,19 +116,41 @@ class AblationParams:
         }
 
     def direction(self, directions: Directions) -> np.ndarray:
-        """(D,) for the global scope, (L, D) for per-layer directions."""
+        """(D,) for one global direction, (L, D) for one per layer, (L, k, D) for k per layer
+        (a global subspace repeated at every layer)."""
+        if self.direction_kind == "difference" and self.n_directions == 1:
+            # The original edit's directions, computed as they always were.
+            if self.direction_scope == "global":
+                return directions.interpolated(float(self.direction_index))
+            return directions.vectors
         if self.direction_scope == "global":
-            return directions.interpolated(float(self.direction_index))
-        return directions.vectors
+            rows = directions.interpolated_basis(self.direction_kind, self.n_directions, float(self.direction_index))
+            if self.n_directions == 1:
+                return rows[0]
+            return np.broadcast_to(rows, (directions.n_layers, *rows.shape))
+        rows = directions.basis(self.direction_kind, self.n_directions)
+        return rows[:, 0] if self.n_directions == 1 else rows
+
+    def steering_options(self) -> dict[str, bool]:
+        """The keyword arguments of ``Steering.set`` and ``bake_into`` that this edit takes."""
+        return {"norm_preserving": self.norm_preserving, "post_norm": self.post_norm}
+
+    def edit_text(self) -> str:
+        """The edit in words: 'difference', 'orthogonal ×2, norm-preserving, post-norm'."""
+        parts = [self.direction_kind + (f" ×{self.n_directions}" if self.n_directions > 1 else "")]
+        parts += ["norm-preserving"] * self.norm_preserving + ["post-norm"] * self.post_norm
+        return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AblationParams":
+        edit = {name: data[name] for name in ("direction_kind", "n_directions", "norm_preserving", "post_norm") if name in data}
         return cls(
             shape=data["shape"],
             direction_scope=data["direction_scope"],
             direction_index=data["direction_index"],
             components={name: ComponentProfile(**values) for name, values in data["components"].items()},
+            **edit,
         )

@@ -1,9 +1,13 @@
-"""Runtime ablation: each target projection's output y becomes y − w·(y·r̂)·r̂.
+"""Runtime ablation: each target projection's output y becomes y − w·(y·r̂)·r̂, or y − w·UUᵀy
+for a refusal subspace with orthonormal rows U.
 
 The projections keep their own weights (dense, quantized or expert stacks) and compute as
 before; steering adds one dot product and one scaled subtraction on their output. Moving
 to the next trial only replaces per-projection floats and direction vectors, so a study
-never copies, dequantizes or reloads a weight.
+never copies, dequantizes or reloads a weight. The norm-preserving edit adds a per-channel
+scale on the projection's input (see :mod:`optimizer.engine.bake`), computed once per trial
+from the matrix's column norms (measured once per matrix and kept) and UᵀW (one product of
+the directions with the packed weight).
 """
 
 from __future__ import annotations
@@ -14,11 +18,19 @@ from typing import Any, Mapping, Sequence
 import mlx.core as mx
 import numpy as np
 
+from optimizer.engine.bake import QUANTIZED_TYPES, dequantized_weight, norm_factor, target_basis
 from optimizer.engine.model import COMPONENTS, Target
 from optimizer.engine.patch import patch, set_private, unpatch
 
 
 def _steer_hook(module: Any, base_call: Any, *args: Any, **kwargs: Any) -> mx.array:
+    factor = module._abopt_input_scale
+    if factor is not None and module._abopt_scale != 0.0:
+        x = args[0]
+        # An expert stack's down projection gets each token's input per chosen expert, with
+        # the expert indices as its second argument: scale by that expert's factors.
+        x = x * (factor if factor.ndim == 1 else mx.expand_dims(factor[args[1]], -2))
+        args = (x, *args[1:])
     y = _steer(module, base_call(module, *args, **kwargs))
     if y.ndim >= 3 and y.shape[-2] > 1:
         # A pass over whole prompts (a KL pass, a prefill) on a large model runs for
@@ -38,7 +50,48 @@ def _steer(module: Any, y: mx.array) -> mx.array:
         # Cast once to the dtype the projection computes in, and keep the cast.
         direction = direction.astype(y.dtype)
         set_private(module, _abopt_direction=direction)
+    if direction.ndim == 2:
+        return y - scale * ((y @ direction.T) @ direction)
     return y - (scale * (y @ direction))[..., None] * direction
+
+
+def _column_sq(module: Any) -> mx.array:
+    """Squared norm of each column of the (dequantized) weight: (in,) or (experts, in), float32.
+
+    Measured once per matrix (a transient dense copy, one matrix at a time) and kept.
+    """
+    cached = getattr(module, "_abopt_column_sq", None)
+    if cached is None:
+        dense = dequantized_weight(module)
+        cached = mx.sum(dense * dense, axis=-2)
+        mx.eval(cached)
+        del dense
+        set_private(module, _abopt_column_sq=cached)
+    return cached
+
+
+def _along(module: Any, rows: mx.array) -> mx.array:
+    """UᵀW from the projection's own (packed) weight: (k, in) or (experts, k, in), float32."""
+    rows = rows.astype(_float_dtype(module))
+    if not isinstance(module, QUANTIZED_TYPES):
+        return (rows @ module["weight"]).astype(mx.float32)
+    packed, scales, biases = module["weight"], module["scales"], module.get("biases")
+    kwargs = dict(transpose=False, group_size=module.group_size, bits=module.bits, mode=module.mode)
+    if packed.ndim == 2:
+        return mx.quantized_matmul(rows, packed, scales, biases, **kwargs).astype(mx.float32)
+    experts = packed.shape[0]
+    stacked = mx.broadcast_to(rows, (experts, *rows.shape))
+    global_scale = getattr(module, "global_scale", None)
+    return mx.gather_qmm(
+        stacked, packed, scales, biases, rhs_indices=mx.arange(experts), global_scale=global_scale, **kwargs
+    ).astype(mx.float32)
+
+
+def input_scale(module: Any, basis: np.ndarray, scale: float) -> mx.array:
+    """The norm-preserving per-input-channel factor of a steered projection for one trial."""
+    rows = mx.array(np.atleast_2d(basis)).astype(mx.float32)
+    along = _along(module, rows)
+    return norm_factor(_column_sq(module), mx.sum(along * along, axis=-2), scale).astype(_float_dtype(module))
 
 
 def _float_dtype(module: Any) -> mx.Dtype:
@@ -60,18 +113,31 @@ class Steering:
         self,
         weights: Mapping[str, Sequence[float] | np.ndarray],
         directions: np.ndarray | mx.array,
+        *,
+        norm_preserving: bool = False,
+        post_norm: bool = False,
     ) -> None:
         """Steer with per-layer ``weights[component][layer]`` along ``directions``.
 
-        ``directions`` is (D,) for one direction everywhere or (L, D) for one per layer;
-        rows must be unit vectors. A component missing from ``weights`` is not steered.
+        ``directions`` is (D,) for one direction everywhere, (L, D) for one per layer, or
+        (L, k, D) for k orthonormal directions per layer; rows must be unit vectors. A
+        component missing from ``weights`` is not steered. ``norm_preserving`` and
+        ``post_norm`` choose the edit as in :func:`optimizer.engine.bake.bake_into`.
         """
-        directions = mx.array(directions) if isinstance(directions, np.ndarray) else directions
-        per_layer = directions.ndim == 2
+        directions = np.asarray(directions, dtype=np.float32)
+        pending = []
         for target in self.targets:
             scale = float(weights[target.component][target.layer]) if target.component in weights else 0.0
-            direction = directions[target.layer] if per_layer else directions
-            set_private(target.module, _abopt_scale=scale, _abopt_direction=direction.astype(_float_dtype(target.module)))
+            basis = target_basis(target, directions, post_norm)
+            factor = input_scale(target.module, basis, scale) if norm_preserving and scale != 0.0 else None
+            pending += [factor] if factor is not None else []
+            set_private(
+                target.module,
+                _abopt_scale=scale,
+                _abopt_direction=mx.array(basis).astype(_float_dtype(target.module)),
+                _abopt_input_scale=factor,
+            )
+        mx.eval(pending)
 
     def clear(self) -> None:
         """All weights 0: the model computes exactly as if unsteered."""
@@ -89,6 +155,6 @@ def install(targets: Sequence[Target]) -> Steering:
     for target in targets:
         if target.component not in COMPONENTS:
             raise ValueError(f"unknown component {target.component!r}")
-        set_private(target.module, _abopt_scale=0.0, _abopt_direction=None)
+        set_private(target.module, _abopt_scale=0.0, _abopt_direction=None, _abopt_input_scale=None)
         patch(target.module, _steer_hook)
     return Steering(tuple(targets))

@@ -88,7 +88,9 @@ def model_card(
         "",
         "Each steered projection (attention output `attn`, MLP down projection `mlp`, every expert of a "
         "mixture of experts) with weight w along the refusal direction r̂ became W' = W − w·r̂(r̂ᵀW), and its "
-        f"bias b' = b − w·r̂(r̂·b). {len(result.edited)} tensors were edited and {stored}; {untouched}.",
+        f"bias b' = b − w·r̂(r̂·b) (edit: {params.edit_text()}; with several directions U, W − w·UUᵀW; "
+        "norm-preserving: each column then rescaled to its original norm; post-norm: the directions mapped "
+        f"through the output norm's weights). {len(result.edited)} tensors were edited and {stored}; {untouched}.",
         "",
         "### Parameters",
         "",

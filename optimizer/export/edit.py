@@ -1,9 +1,10 @@
-"""The edit itself: each steered matrix W becomes W − w·r̂(r̂ᵀW), its bias b − w·r̂(r̂·b), stored
-dense, in float, or re-quantized to its own packing; and which verification tier that makes."""
+"""The edit itself: each steered matrix W becomes (W − w·UUᵀW)·diag(k), its bias b − w·UUᵀb
+(see :mod:`optimizer.engine.bake`), stored dense, in float, or re-quantized to its own
+packing; and which verification tier that makes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import mlx.core as mx
@@ -13,8 +14,11 @@ from optimizer.engine.bake import (
     ablate_bias,
     ablate_matrix,
     dequantize_arrays,
+    layer_basis,
     quantize_arrays,
+    target_basis,
 )
+from optimizer.engine.model import Target
 from optimizer.export.checkpoint import (
     QUANT_PARTS,
     SAFETENSORS_DTYPES,
@@ -43,8 +47,33 @@ def unit_scale(unit: EditUnit, layer_weights: Mapping[str, Sequence[float] | np.
     return 0.0 if weights is None else float(weights[unit.layer])
 
 
-def layer_direction(direction: np.ndarray, layer: int) -> np.ndarray:
-    return direction[layer] if direction.ndim == 2 else direction
+@dataclass(frozen=True)
+class TargetEdits:
+    """A trial's edit as export applies it, matrix by matrix, after the model is gone."""
+
+    directions: np.ndarray  # as ``Steering.set`` takes them: (D,), (L, D) or (L, k, D)
+    norm_preserving: bool = False
+    post_norm: bool = False
+    # Per target path, the rows removed where they are not the layer's directions (post-norm
+    # targets: they depend on the norm's weights, read while the model was loaded).
+    bases: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls, targets: Sequence[Target], directions: np.ndarray, *, norm_preserving: bool = False, post_norm: bool = False
+    ) -> "TargetEdits":
+        directions = np.asarray(directions, dtype=np.float32)
+        bases = {t.path: target_basis(t, directions, True) for t in targets if post_norm and t.post_norm is not None}
+        return cls(directions, norm_preserving, post_norm, bases)
+
+    def basis(self, layer: int, path: str) -> np.ndarray:
+        """The (D,) or (k, D) rows removed at the target ``path`` of decoder layer ``layer``."""
+        return self.bases[path] if path in self.bases else layer_basis(self.directions, layer)
+
+
+def as_edits(direction: np.ndarray | TargetEdits) -> TargetEdits:
+    """The original edit (one direction, removed as it is) from a bare direction array."""
+    return direction if isinstance(direction, TargetEdits) else TargetEdits(np.asarray(direction, dtype=np.float32))
 
 
 def stored_dtype(unit: EditUnit, tensors: Mapping[str, TensorInfo], options: ExportOptions) -> str | None:
@@ -77,6 +106,7 @@ def edited_tensors(
     *,
     weight_dtype: mx.Dtype | None,
     bias_dtype: mx.Dtype | None = None,
+    norm_preserving: bool = False,
 ) -> dict[str, mx.array | None]:
     """New arrays for one matrix's parts (``source``: part → array as stored); None drops a part.
 
@@ -86,7 +116,7 @@ def edited_tensors(
     """
     out: dict[str, mx.array | None] = {}
     if quantization is None:
-        edited = ablate_matrix(source["weight"].astype(mx.float32), direction, scale)
+        edited = ablate_matrix(source["weight"].astype(mx.float32), direction, scale, norm_preserving=norm_preserving)
     else:
         q = quantization
         floats = {p: source[p].astype(mx.float32) for p in ("scales", "biases") if p in source and mx.issubdtype(source[p].dtype, mx.floating)}
@@ -99,7 +129,7 @@ def edited_tensors(
             mode=q.mode,
             global_scale=source.get("global_scale"),
         )
-        edited = ablate_matrix(dense, direction, scale)
+        edited = ablate_matrix(dense, direction, scale, norm_preserving=norm_preserving)
     if weight_dtype is not None:
         out["weight"] = edited.astype(weight_dtype)
         out.update({part: None for part in QUANT_PARTS if part in source})

@@ -36,6 +36,7 @@ from optimizer.export.edit import (
     EXPORT_DTYPES,
     QUANTIZE_CHOICES,
     ExportOptions,
+    TargetEdits,
     export_tier,
 )
 from optimizer.export.verify import (
@@ -137,13 +138,15 @@ def _export_into(
     trial_model = load_trial_model(plan, study, number)
     tensors = checkpoint_tensors(plan.model_path)
     units = edit_units(trial_model.loaded.targets, tensors)
-    weights, direction, record, params = trial_model.weights, trial_model.direction, trial_model.record, trial_model.params
+    weights, record, params = trial_model.weights, trial_model.record, trial_model.params
+    # Post-norm targets' rows depend on the norms' weights: read them while the model is loaded.
+    edits = TargetEdits.of(trial_model.loaded.targets, trial_model.direction, **params.steering_options())
     tier = export_tier(units, weights, tensors, options, trial_model.loaded.dtype)
     reference = reference_logits(
         trial_model.loaded,
         trial_model.model.steering,
         weights,
-        direction,
+        edits,
         units,
         tensors,
         options,
@@ -157,7 +160,7 @@ def _export_into(
 
     start = time.perf_counter()
     mx.reset_peak_memory()
-    result = write_model(plan.model_path, staging, units, weights, direction, options, log=log)
+    result = write_model(plan.model_path, staging, units, weights, edits, options, log=log)
     seconds["write"], peaks["write"] = time.perf_counter() - start, mx.get_peak_memory()
 
     start = time.perf_counter()

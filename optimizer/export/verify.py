@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import mlx.core as mx
 import numpy as np
 
-from optimizer.engine.bake import QUANTIZED_TYPES, bake_into
+from optimizer.engine.bake import QUANTIZED_TYPES, bake_target
 from optimizer.engine.model import (
     LoadedModel,
     chat_tokens,
@@ -31,9 +31,10 @@ from optimizer.export.checkpoint import (
 from optimizer.export.edit import (
     EXPORT_DTYPES,
     ExportOptions,
+    TargetEdits,
+    as_edits,
     edited_tensors,
     export_tier,
-    layer_direction,
     stored_dtype,
     unit_scale,
 )
@@ -160,7 +161,7 @@ def reference_logits(
     loaded: LoadedModel,
     steering: Steering,
     layer_weights: Mapping[str, Sequence[float] | np.ndarray],
-    direction: np.ndarray,
+    direction: np.ndarray | TargetEdits,
     units: Sequence[EditUnit],
     tensors: Mapping[str, TensorInfo],
     options: ExportOptions,
@@ -172,14 +173,15 @@ def reference_logits(
     ``steering`` is installed on ``loaded``. Baking removes it and changes the weights in
     place: use the model for nothing else afterwards.
     """
+    edits = as_edits(direction)
     steering.clear()
     original = next_token_logits(loaded, prompts, system_prompt)
-    steering.set(layer_weights, direction)
+    steering.set(layer_weights, edits.directions, norm_preserving=edits.norm_preserving, post_norm=edits.post_norm)
     steered = next_token_logits(loaded, prompts, system_prompt)
     baked = None
     if export_tier(units, layer_weights, tensors, options, loaded.dtype) != "exact":
         steering.remove()
-        bake_as_exported(loaded, units, layer_weights, direction, tensors, options)
+        bake_as_exported(loaded, units, layer_weights, edits, tensors, options)
         baked = next_token_logits(loaded, prompts, system_prompt)
     return Reference(tuple(prompts), system_prompt, loaded.dtype, steered, original, baked)
 
@@ -188,7 +190,7 @@ def bake_as_exported(
     loaded: LoadedModel,
     units: Sequence[EditUnit],
     layer_weights: Mapping[str, Sequence[float] | np.ndarray],
-    direction: np.ndarray,
+    edits: TargetEdits,
     tensors: Mapping[str, TensorInfo],
     options: ExportOptions,
 ) -> None:
@@ -206,7 +208,7 @@ def bake_as_exported(
         scale = unit_scale(unit, layer_weights)
         if scale == 0.0:
             continue
-        module, r = target.module, layer_direction(direction, target.layer)
+        module, r = target.module, edits.basis(target.layer, target.path)
         storage = stored_dtype(unit, tensors, options)
         if storage is None:  # re-quantized in place, by the very arithmetic the writer uses
             new = edited_tensors(
@@ -216,6 +218,7 @@ def bake_as_exported(
                 r,
                 weight_dtype=None,
                 bias_dtype=EXPORT_DTYPES[options.dtype or SAFETENSORS_DTYPES[tensors[unit.key("bias")].dtype]] if "bias" in module else None,
+                norm_preserving=edits.norm_preserving,
             )
             for part, value in new.items():
                 current = module[part] if part in module else getattr(module, part, None)
@@ -226,8 +229,9 @@ def bake_as_exported(
                 for part in ("scales", "biases"):
                     if part in module and module[part] is not None and mx.issubdtype(module[part].dtype, mx.floating):
                         setattr(module, part, module[part].astype(mx.float32))
-            (baked,) = bake_into(loaded.model, [target], layer_weights, direction, dtype=EXPORT_DTYPES[storage])
-            module = baked.module
+            module = bake_target(
+                loaded.model, target, scale, r, dtype=EXPORT_DTYPES[storage], norm_preserving=edits.norm_preserving
+            ).module
             module.weight = module.weight.astype(compute)  # as loading the export does
             if "bias" in module:
                 module.bias = module.bias.astype(compute)

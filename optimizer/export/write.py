@@ -21,8 +21,9 @@ from optimizer.export.checkpoint import (
 from optimizer.export.edit import (
     EXPORT_DTYPES,
     ExportOptions,
+    TargetEdits,
+    as_edits,
     edited_tensors,
-    layer_direction,
     stored_dtype,
     unit_scale,
 )
@@ -45,12 +46,16 @@ def write_weights(
     out: Path,
     units: Sequence[EditUnit],
     layer_weights: Mapping[str, Sequence[float] | np.ndarray],
-    direction: np.ndarray,
+    direction: np.ndarray | TargetEdits,
     options: ExportOptions = ExportOptions(),
     *,
     log: Callable[[str], None] = lambda _: None,
 ) -> WriteResult:
-    """Write the edited weight files of ``source`` into ``out``, shard by shard."""
+    """Write the edited weight files of ``source`` into ``out``, shard by shard.
+
+    ``direction``: the trial's :class:`TargetEdits`, or a bare direction array (the original edit).
+    """
+    edits = as_edits(direction)
     tensors = checkpoint_tensors(source)
     cast = EXPORT_DTYPES[options.dtype] if options.dtype and options.dtype != source_float_dtype(tensors) else None
     owner: dict[str, int] = {}  # key -> index of the edited unit it belongs to
@@ -71,9 +76,10 @@ def write_weights(
             {part: array(unit.key(part)) for part in unit.parts},
             unit.quantization,
             unit_scale(unit, layer_weights),
-            layer_direction(direction, unit.layer),
+            edits.basis(unit.layer, unit.path),
             weight_dtype=EXPORT_DTYPES[weight_dtype] if weight_dtype else None,
             bias_dtype=EXPORT_DTYPES[options.dtype] if options.dtype else None,
+            norm_preserving=edits.norm_preserving,
         )
         mx.eval([a for a in new.values() if a is not None])
         return {unit.key(part): a for part, a in new.items()}
@@ -135,7 +141,7 @@ def write_model(
     out: Path,
     units: Sequence[EditUnit],
     layer_weights: Mapping[str, Sequence[float] | np.ndarray],
-    direction: np.ndarray,
+    direction: np.ndarray | TargetEdits,
     options: ExportOptions = ExportOptions(),
     *,
     log: Callable[[str], None] = lambda _: None,

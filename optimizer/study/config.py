@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from optimizer import DATA
-from optimizer.engine.profile import SHAPES
+from optimizer.engine.profile import DIRECTION_KINDS, MAX_DIRECTIONS, SHAPES
 from optimizer.errors import UserError
 from optimizer.study.storage import redact
 
@@ -104,6 +104,11 @@ class SearchSpace:
     attn: ComponentSpace
     mlp: ComponentSpace
     path: Path = field(compare=False)
+    # The edit, each a list of choices the optimizer picks from; the defaults are the
+    # original edit (one difference-of-means direction, removed as it is).
+    direction_kinds: tuple[str, ...] = ("difference",)
+    n_directions: tuple[int, ...] = (1,)
+    norm_preserving: tuple[bool, ...] = (False,)
 
     def components(self) -> dict[str, ComponentSpace]:
         """The enabled components by name."""
@@ -125,12 +130,20 @@ class SearchSpace:
                                 f"{low:g} layers on a model with {n_layers} layers; it must be > 0, "
                                 "e.g. 1")
             resolved[r.name] = (low, high)
+        if max(self.n_directions) > n_layers:
+            raise UserError(f"{self.path}: n_directions: {max(self.n_directions)} directions per layer need "
+                            f"as many layers; the model has {n_layers}")
         return resolved
 
     def fingerprint(self) -> str:
         """sha256 of the parsed contents; changes whenever the space does, not with formatting."""
         content = asdict(self)
         del content["path"]
+        # Edit choices left at the original edit are not part of it, so that a space written
+        # before they existed keeps its fingerprint (and its studies stay resumable).
+        for name in _EDIT_DEFAULTS:
+            if tuple(content[name]) == _EDIT_DEFAULTS[name]:
+                del content[name]
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -166,11 +179,13 @@ def _search_space_path(spec: str, base_dir: Path | None, where: str | None) -> P
     return path
 
 
+_EDIT_DEFAULTS = {"direction_kinds": ("difference",), "n_directions": (1,), "norm_preserving": (False,)}
 _COMPONENT_KEYS = ("enabled", "max_weight", "max_weight_position", "min_weight_fraction",
                    "min_weight_distance")
 # The allowed keys of every table of a search-space file ("" = the top level).
 _SPACE_SCHEMA = {
-    "": ("shape", "direction_scope", "direction_index", *COMPONENTS),
+    "": ("shape", "direction_scope", "direction_index", "direction_kind", "n_directions", "norm_preserving",
+         *COMPONENTS),
     **{name: _COMPONENT_KEYS for name in COMPONENTS},
 }
 
@@ -206,7 +221,24 @@ def _load_search_space(path: Path) -> SearchSpace:
         attn=components["attn"],
         mlp=components["mlp"],
         path=path.resolve(),
+        direction_kinds=_choice_list(top, "direction_kind", "difference", DIRECTION_KINDS, str,
+                                     f"{_choices(DIRECTION_KINDS)} or a list of them"),
+        n_directions=_choice_list(top, "n_directions", 1, tuple(range(1, MAX_DIRECTIONS + 1)), int,
+                                  f"a whole number of directions within 1..{MAX_DIRECTIONS}, or a list of them"),
+        norm_preserving=_choice_list(top, "norm_preserving", False, (False, True), bool,
+                                     "true, false or [false, true]"),
     )
+
+
+def _choice_list(table: _Table, key: str, default: Any, allowed: tuple, kind: type, expected: str) -> tuple:
+    """A value or a list of distinct values from ``allowed``, as a tuple (the default alone when absent)."""
+    raw = table.value(key, default)
+    listed = raw if isinstance(raw, list) else [raw]
+    # bool is an int in Python: a count of directions must not be given as true/false.
+    fits = all(isinstance(v, kind) and (kind is bool or not isinstance(v, bool)) and v in allowed for v in listed)
+    if not listed or not fits or len(set(listed)) < len(listed):
+        table.fail(key, f"expected {expected}, got {_show(raw)}")
+    return tuple(listed)
 
 
 def _range(table: _Table, key: str, *, layers: bool = False, is_position: bool = False,

@@ -41,8 +41,13 @@ def _suggest(trial: optuna.Trial, spec: Range, bounds: dict[str, tuple[float, fl
     return trial.suggest_float(spec.name, low, high)
 
 
-def suggest(trial: optuna.Trial, space: SearchSpace, n_layers: int) -> AblationParams:
-    """Sample one trial's parameters from ``space`` for a model with ``n_layers`` layers."""
+def _choose(trial: optuna.Trial, name: str, choices: tuple) -> Any:
+    return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, list(choices))
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace, n_layers: int, *, post_norm: bool = False) -> AblationParams:
+    """Sample one trial's parameters from ``space`` for a model with ``n_layers`` layers
+    (``post_norm``: the model's blocks normalise their output before the residual add)."""
     bounds = space.resolve(n_layers)
     scopes = space.direction_scopes
     scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", list(scopes))
@@ -56,4 +61,13 @@ def suggest(trial: optuna.Trial, space: SearchSpace, n_layers: int) -> AblationP
             min_weight=max_weight * _suggest(trial, component.min_weight_fraction, bounds),
             min_weight_distance=_suggest(trial, component.min_weight_distance, bounds),
         )
-    return AblationParams(space.shape, scope, index, components)
+    return AblationParams(
+        space.shape,
+        scope,
+        index,
+        components,
+        direction_kind=_choose(trial, "direction_kind", space.direction_kinds),
+        n_directions=_choose(trial, "n_directions", space.n_directions),
+        norm_preserving=_choose(trial, "norm_preserving", space.norm_preserving),
+        post_norm=post_norm,
+    )

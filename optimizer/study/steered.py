@@ -44,7 +44,7 @@ class SteeredModel:
     def steer(self, params: AblationParams) -> dict[str, np.ndarray]:
         """Steer as ``params`` say; returns the per-layer weights."""
         weights = params.layer_weights(self.loaded.n_layers)
-        self.steering.set(weights, params.direction(self.directions))
+        self.steering.set(weights, params.direction(self.directions), **params.steering_options())
         return weights
 
 
@@ -122,7 +122,7 @@ class TrialModel:
     model: SteeredModel = field(repr=False)
     params: AblationParams
     weights: dict[str, np.ndarray] = field(repr=False)  # per component, per layer
-    direction: np.ndarray = field(repr=False)  # (D,) global or (L, D) per layer, unit rows
+    direction: np.ndarray = field(repr=False)  # (D,) global, (L, D) per layer or (L, k, D), unit rows
 
     @property
     def number(self) -> int:
@@ -138,7 +138,7 @@ class TrialModel:
 
     def steer(self) -> None:
         """Apply the trial's steering."""
-        self.model.steering.set(self.weights, self.direction)
+        self.model.steering.set(self.weights, self.direction, **self.params.steering_options())
 
     def clear(self) -> None:
         """Back to the untouched model."""

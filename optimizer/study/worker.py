@@ -239,7 +239,7 @@ def replay_line(evaluator: Evaluator, config: StudyConfig) -> str:
 def run_trial(worker: Worker, trial: optuna.Trial) -> TrialResult:
     """Steer as the trial's parameters say and score it (its constraint is set on the trial)."""
     start = time.perf_counter()
-    params = suggest(trial, worker.config.search_space, worker.model.loaded.n_layers)
+    params = suggest(trial, worker.config.search_space, worker.model.loaded.n_layers, post_norm=worker.model.loaded.post_norm)
     weights = worker.model.steer(params)
     # Layers before the first steered one compute what the untouched model computes.
     first = min(first_steered_layer(weights, worker.model.loaded.n_layers), worker.evaluator.kl_replay.depth)
