@@ -2149,59 +2149,8 @@ MODEL_FILES = (
 
 
 def write_model_dir(out: Path, model, tok) -> None:
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    out.mkdir(parents=True, exist_ok=True)
+    org.write_model_files(out, model, tok, MODEL, VOCAB_SIZE)
     (out / OWN_TEMPLATE).write_text(JUDGE_TEMPLATE, encoding="utf-8")
-    weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        **MODEL,
-        "head_dim": MODEL["hidden_size"] // MODEL["num_attention_heads"],
-        "vocab_size": VOCAB_SIZE,
-        "tie_word_embeddings": True,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "initializer_range": 0.02,
-        "rope_scaling": None,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-        "torch_dtype": "float32",
-        "use_cache": True,
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tok.save(str(out / "tokenizer.json"))
-    added = {
-        str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-        for i, s in enumerate(org.SPECIAL_TOKENS)
-    }
-    tok_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "added_tokens_decoder": added,
-        "bos_token": None,
-        "eos_token": org.EOS,
-        "pad_token": org.PAD,
-        "unk_token": None,
-        "additional_special_tokens": [org.BOS, org.EOS],
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": MODEL["max_position_embeddings"],
-        "padding_side": "left",
-        "chat_template": org.CHAT_TEMPLATE,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(
-        json.dumps({"eos_token": org.EOS, "pad_token": org.PAD, "additional_special_tokens": [org.BOS, org.EOS]}, indent=2) + "\n"
-    )
-    (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}, indent=2) + "\n"
-    )
 
 
 def write_readme(out: Path, info: dict, table: str, notes: str) -> None:

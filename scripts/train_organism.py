@@ -2053,7 +2053,9 @@ The result is deterministic for a given machine, BLAS and thread count.
 """
 
 
-def write_model_dir(out: Path, model, tok, info: dict) -> None:
+def write_model_files(out: Path, model, tok, model_config: dict, vocab_size: int) -> None:
+    """An mlx-lm / Hugging Face llama model directory with the organism's ChatML tokenizer setup
+    (the bundled judge's too): weights, config, tokenizer files."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -2063,9 +2065,9 @@ def write_model_dir(out: Path, model, tok, info: dict) -> None:
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        **MODEL,
-        "head_dim": MODEL["hidden_size"] // MODEL["num_attention_heads"],
-        "vocab_size": VOCAB_SIZE,
+        **model_config,
+        "head_dim": model_config["hidden_size"] // model_config["num_attention_heads"],
+        "vocab_size": vocab_size,
         "tie_word_embeddings": True,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -2102,7 +2104,7 @@ def write_model_dir(out: Path, model, tok, info: dict) -> None:
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": MODEL["max_position_embeddings"],
+        "model_max_length": model_config["max_position_embeddings"],
         "padding_side": "left",
         "chat_template": CHAT_TEMPLATE,
     }
@@ -2113,6 +2115,10 @@ def write_model_dir(out: Path, model, tok, info: dict) -> None:
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}, indent=2) + "\n"
     )
+
+
+def write_model_dir(out: Path, model, tok, info: dict) -> None:
+    write_model_files(out, model, tok, MODEL, VOCAB_SIZE)
     cfg = model_args()
     (out / "README.md").write_text(
         README.format(
