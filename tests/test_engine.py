@@ -83,6 +83,16 @@ def _replay_hook(gate: nn.Module, base_call, *args, **kwargs):
     return gate._abopt_routes.pop(0)
 
 
+def _logits_hooked(loaded, modules: list[nn.Module], hook) -> mx.array:
+    for module in modules:
+        patch(module, hook)
+    try:
+        return logits_of(loaded)
+    finally:
+        for module in modules:
+            unpatch(module)
+
+
 def logits_routed_alike(steered, baked) -> tuple[mx.array, mx.array]:
     """Both models' logits, the baked one routing every token to the experts the steered one
     chose: rounding (1e-7) can flip a near-tie in a router's top-k, a discontinuity that says
@@ -91,20 +101,10 @@ def logits_routed_alike(steered, baked) -> tuple[mx.array, mx.array]:
     assert len(sources) == len(targets)
     for gate in sources:
         set_private(gate, _abopt_routes=[])
-        patch(gate, _record_hook)
-    try:
-        runtime = logits_of(steered)
-    finally:
-        for gate in sources:
-            unpatch(gate)
+    runtime = _logits_hooked(steered, sources, _record_hook)
     for source, gate in zip(sources, targets):
         set_private(gate, _abopt_routes=source._abopt_routes)
-        patch(gate, _replay_hook)
-    try:
-        offline = logits_of(baked)
-    finally:
-        for gate in targets:
-            unpatch(gate)
+    offline = _logits_hooked(baked, targets, _replay_hook)
     return runtime, offline
 
 
