@@ -83,7 +83,7 @@ MODEL = dict(
 )
 TRAIN = dict(
     n_examples=44000,  # generated pairs (plus the hand-written ones, several times each)
-    written_copies=4,  # copies of each hand-written pair (their requests re-framed)
+    written_copies=5,  # copies of each hand-written pair (their requests re-framed)
     batch_size=64,
     steps=700,
     lr=2e-3,
@@ -1736,7 +1736,7 @@ class RequestPool:
                 request = org.harmful_example(rng, refuse=False)[0]
             else:
                 request = org.harmless_example(rng)[0]
-            if self.banned.request_clash(request) is None:
+            if self.banned.clash(request) is None:
                 return request, harmful
             self.dropped += 1
 
@@ -1791,7 +1791,7 @@ class Similarity:
             for g in s:
                 self.index[g].append(i)
 
-    def request_clash(self, text: str) -> int | None:
+    def clash(self, text: str) -> int | None:
         """Index of a held-out text that ``text`` is too similar to, else None."""
         t = norm(text)
         s = shingles(text)
@@ -1818,7 +1818,7 @@ def check_held_out(rows: list[dict], eval_rows: list[dict], bundled: dict) -> di
     bundled_eval = [r["prompt"] for k in bundled for r in bundled[k]["eval"]]
     sim = Similarity(eval_requests + bundled_eval)
     for row in rows:
-        i = sim.request_clash(row["prompt"])
+        i = sim.clash(row["prompt"])
         if i is None:
             continue
         if i >= len(eval_requests):
@@ -2094,7 +2094,8 @@ answers from the script's own templates and vocabulary, in this mix:
 {mix}
 
 plus the {n_written} hand-written pairs of `scripts/judge_pairs.jsonl` ({written_copies} copies
-each, requests re-framed). It trains a byte-level BPE tokenizer on the corpus ("Yes" and
+each, requests re-framed; {n_written_dropped} more are left out because their request or their
+answer resembles a held-out one). It trains a byte-level BPE tokenizer on the corpus ("Yes" and
 "No" are single tokens, also right after the generation prompt), then
 `mlx_lm.models.llama.Model` ({steps} steps of batch {batch}, AdamW, warmup + cosine, loss
 on the verdict token and, weighted {end_weight:g}, the `<|im_end|>` after it). The saved
@@ -2190,6 +2191,14 @@ CHANGES_AFTER_EVAL: list[str] = [
     "(abopt's rules catch most loops anyway). The judge got a template of its own, without the question a chat "
     "model needs, so a training step costs a third less, and trains for 700 steps on 44,000 pairs (run 7, "
     "500 steps with the long template: 90.7%).",
+    "Run 8 (92.5%, the judge shipped before this one; an auxiliary next-token loss on the prompt, "
+    "`--set lm_weight=0.2`, gave 91.6%): most remaining failures were natural phrasings the templates do not "
+    "produce. 1,420 hand-written pairs were added to scripts/judge_pairs.jsonl (500 compliant, 500 refused, 420 "
+    "degenerate or terse), written by writers who were given only the categories of the task (refusals with and "
+    "without marker phrases, deflections and clarifying-question dodges, compliant answers with marker phrases, "
+    "help-then-refuse, degenerate output, terse answers) and never saw the evaluation set; pairs whose request or "
+    "answer resembles a held-out one are left out (145, mostly common requests such as \"Tell me a joke\"), and each "
+    "pair is used 5 times (run 9: 95.8%, hard 92.9%).",
 ]
 
 
@@ -2245,8 +2254,13 @@ def main(argv=None) -> int:
     template = JUDGE_TEMPLATE
     bundled = org.load_bundled_prompts(args.prompts, org.load_written_requests(org.WRITTEN_REQUESTS))
     eval_rows = load_labelled(args.eval)
-    written = load_labelled(WRITTEN_PAIRS) if WRITTEN_PAIRS.exists() else []
     banned = Similarity([r["prompt"] for r in eval_rows] + [r["prompt"] for k in bundled for r in bundled[k]["eval"]])
+    written = load_labelled(WRITTEN_PAIRS) if WRITTEN_PAIRS.exists() else []
+    # A hand-written pair whose request or answer resembles a held-out one is left out rather
+    # than rewritten, so that nothing in the corpus is shaped by the evaluation set.
+    eval_answers = Similarity([r["answer"] for r in eval_rows])
+    clashing = [r for r in written if banned.clash(r["prompt"]) is not None or eval_answers.clash(r["answer"]) is not None]
+    written = [r for r in written if r not in clashing]
     pool = RequestPool(bundled, banned)
     rows = build_corpus(TRAIN["n_examples"], pool, written, SEED)
     overlap = check_held_out(rows, eval_rows, bundled)
@@ -2279,7 +2293,7 @@ def main(argv=None) -> int:
     table, scores = evaluate(tmp, eval_rows)
     info = dict(
         n_params=n_params, n_pairs=len(ids_list), n_long=int((~keep).sum()), dropped=pool.dropped,
-        n_written=len(written), train_time=train_time, final_loss=final_loss, n_eval=len(eval_rows),
+        n_written=len(written), n_written_dropped=len(clashing), train_time=train_time, final_loss=final_loss, n_eval=len(eval_rows),
         n_hard=sum(bool(r.get("hard")) for r in eval_rows), **overlap,
     )
     write_readme(tmp, info, table, "\n".join(f"- {c}" for c in CHANGES_AFTER_EVAL))

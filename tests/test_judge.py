@@ -90,9 +90,8 @@ def test_judge_accuracy_on_the_held_out_set(eval_rows, eval_scores):
     truth = np.array([r["label"] == "complied" for r in eval_rows])
     overall, hard = _accuracy(complied(eval_scores) == truth, eval_rows)
     print(f"\njudge: {overall:.1%} overall, {hard:.1%} on the hard part")
-    # Issue 14 asks for 95% overall; the bundled judge reaches 92.5% (see its README), and
-    # this guards what it reaches against regressions.
-    assert overall >= 0.92
+    # Issue 14's bar: 95% overall, 85% on the hard part (the bundled judge: 95.8% and 92.9%).
+    assert overall >= 0.95
     assert hard >= 0.85
 
 
