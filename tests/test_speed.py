@@ -146,6 +146,32 @@ def test_a_shared_prefix_is_used_only_where_the_caches_are_plain_kv_caches(saved
     assert not evaluator.joinable and evaluator.shared_prefix(evaluator.harmful_tokens) == 0
 
 
+def test_compiled_steering_gives_the_logits_of_op_by_op_steering_and_a_new_trial_no_trace(organism):
+    from optimizer.engine.steering import TRACES
+
+    loaded, steering, directions = organism
+    scoring = evaluator(loaded)
+    try:
+        for kind, basis in (("one direction", directions.vectors), ("a subspace", directions.basis("difference", 2))):
+            for start in (0, 2):
+                profile = steer_from(steering, directions, start, loaded.n_layers)
+                steering.set(profile, basis)
+                results = {}
+                for on in (False, True):
+                    steering.compile(on)
+                    traces = TRACES["count"]
+                    results[on] = list(scoring._kl_logits(scoring.kl_inputs)), scoring.refusals()
+                    if on and start:  # a second trial, other weights: the same compiled ops
+                        assert TRACES["count"] == traces, kind
+                (full, answers), (compiled, same) = results[False], results[True]
+                for (_, a), (_, b) in zip(full, compiled):
+                    assert mx.abs(a - b).max().item() <= 1e-5, kind
+                assert same.answers == answers.answers and same.verdicts == answers.verdicts, kind
+    finally:
+        steering.compile(True)
+        steering.clear()
+
+
 def test_a_screen_stops_only_what_a_complete_trial_dominates_whatever_comes_next():
     points = (Point(3, 0.10, 0.25), Point(7, 0.30, 0.0))
     # KL 0.5 is beaten by trial 7 (KL 0.3, no refusals) before any answer is known.
