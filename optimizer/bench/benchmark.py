@@ -153,6 +153,7 @@ class WorkerScoring:
     kl_difference: float = 0.0
     whole: "WorkerScoring | None" = None  # the same without the shared prefix
     uncompiled: "WorkerScoring | None" = None  # the same with the steering op by op
+    compiled: "WorkerScoring | None" = None  # and with it compiled
 
 
 def _positions_after(batches: Sequence[tuple[Any, list[int]]], prefix: int) -> int:
@@ -194,8 +195,9 @@ class Savings:
     prefix_positions: tuple[int, int]  # positions a KL pass and a refusal prefill compute with the prefix shared
     prefix_kl_ratio: float
     prefix_refusal_ratio: float
-    compile_kl_ratio: float
+    compile_kl_ratio: float  # op by op ÷ compiled
     compile_refusal_ratio: float
+    compiled: bool  # whether the worker's steering is compiled (on a GPU)
 
 
 # -- environment ---------------------------------------------------------------------------
@@ -491,6 +493,7 @@ def run_benchmark(
     log("preparing the evaluator (reference distributions)")
     setup_t = time.perf_counter()
     steered = SteeredModel(loaded, install(loaded.targets), directions, measured=True)
+    compiled = steered.steering.compiled  # how a worker steers on this device
     scoring_judge = None if judge == "markers" else load_judge(judge)
     # Prompts whole (the full scoring, and the floor's forward work), and with the chat
     # template's shared prefix computed once per pass, as a study worker scores them.
@@ -516,8 +519,9 @@ def run_benchmark(
         """One study trial's engine work; (set, KL, refusal) wall seconds, CPU seconds, result.
 
         Scored in full first (prompts whole, steering op by op, every layer, every answer);
-        then as a study worker scores it (all savings), and again without the shared prefix
-        and without the compiled steering, to time each of those on its own."""
+        then as a study worker scores it (all savings, steering compiled on a GPU only), and
+        again without the shared prefix and with the steering compiled the other way, to
+        time each of those on its own."""
         params = _random_params(space, loaded.n_layers, rng, loaded.post_norm)
         steered.steering.compile(False)
         cpu = time.process_time()
@@ -531,12 +535,14 @@ def run_benchmark(
         cpu = time.process_time() - cpu
         first = min(first_steered_layer(weights, loaded.n_layers), evaluator.kl_replay.depth, shared.kl_replay.depth)
         points = pareto(front)
-        uncompiled = worker_scoring(shared, first, points)
-        steered.steering.compile(True)
+        steered.steering.compile(not compiled)
+        other = worker_scoring(shared, first, points)
+        steered.steering.compile(compiled)
         whole = worker_scoring(evaluator, first, points)
         worker = worker_scoring(shared, first, points)
         exact = abs(worker.kl - kl) <= 1e-6 and (worker.result.screened or worker.result.verdicts == result.verdicts)
-        saved.append(dataclasses.replace(worker, exact=exact, kl_difference=abs(worker.kl - kl), whole=whole, uncompiled=uncompiled))
+        by_op, fused = (other, worker) if compiled else (worker, other)
+        saved.append(dataclasses.replace(worker, exact=exact, kl_difference=abs(worker.kl - kl), whole=whole, uncompiled=by_op, compiled=fused))
         front.append(Point(len(saved), kl, result.rate))
         steered.steering.clear()
         return t1 - t0, t2 - t1, t3 - t2, cpu, result
@@ -608,8 +614,9 @@ def run_benchmark(
         ),
         prefix_kl_ratio=statistics.median(t.whole.kl_seconds / t.kl_seconds for t in timed),
         prefix_refusal_ratio=statistics.median(t.whole.refusal_seconds / t.refusal_seconds for t in timed),
-        compile_kl_ratio=statistics.median(t.uncompiled.kl_seconds / t.kl_seconds for t in timed),
-        compile_refusal_ratio=statistics.median(t.uncompiled.refusal_seconds / t.refusal_seconds for t in timed),
+        compile_kl_ratio=statistics.median(t.uncompiled.kl_seconds / t.compiled.kl_seconds for t in timed),
+        compile_refusal_ratio=statistics.median(t.uncompiled.refusal_seconds / t.compiled.refusal_seconds for t in timed),
+        compiled=steered.steering.compiled,
     )
 
     def sizes_sum(result: Any, skip_prefill: bool) -> int:
@@ -730,7 +737,8 @@ def format_report(result: BenchResult) -> str:
             f"  shared prefix    {v.prefix_tokens[0]} + {v.prefix_tokens[1]} leading tokens (KL + refusal prompts) run once "
             f"per pass: {t.kl_prompt_padded} → {v.prefix_positions[0]} KL positions, {t.refusal_prefill_padded} → "
             f"{v.prefix_positions[1]} prefill positions; KL stage ×{v.prefix_kl_ratio:.2f}, refusal stage ×{v.prefix_refusal_ratio:.2f}",
-            f"  compiled steer   KL stage ×{v.compile_kl_ratio:.2f}, refusal stage ×{v.compile_refusal_ratio:.2f}",
+            f"  compiled steer   op by op ÷ compiled: KL stage ×{v.compile_kl_ratio:.2f}, refusal stage "
+            f"×{v.compile_refusal_ratio:.2f} (the worker's: {'compiled' if v.compiled else 'op by op'})",
         ]
     lines += [
         "memory",
