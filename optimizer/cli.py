@@ -395,6 +395,7 @@ def judge(study_file: str | None, input_file: Path) -> None:
 @click.option("--quantize", type=click.Choice(["0", "2", "3", "4", "5", "6", "8"]), default="0", show_default=True, help="Quantize the model to BITS in memory first.")
 @click.option("--memory-trials", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="Then run N more trials and report memory along the way.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--system-prompt", default="", metavar="TEXT", help="A system turn before every prompt (a chat template's shared prefix grows with it).")
 @click.option("--judge", default="markers", show_default=True, metavar="JUDGE", help='"markers", "bundled", or a judge model (path or HF id): its share of a trial is reported.')
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def bench(model: str, synthetic: str | None, quiet: bool, quantize: str, **settings) -> None:

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""What replay and screening buy a whole study: ``python scripts/bench_savings.py --help``.
+"""What replay, screening and the shared prefix buy a whole study: ``python scripts/bench_savings.py --help``.
 
 Runs the demo study's settings (the bundled organism) with ``search_space = "default"``
 from scratch, alternately with the savings off (``replay_layers = false``,
-``screening = false``: every trial scored in full, as before) and on, each run exactly as
+``screening = false``, ``share_prefix = false``: every trial scored in full, as before;
+the compiled steering stays on) and on, each run exactly as
 a user would run it (``abopt run STUDY --storage ...``), and reports per run: trials per
 hour (trial phase: first trial start to last trial end), the wall time to reach the run's
 final hypervolume and the hypervolume both runs reach, the KL and refusal stages' seconds,
@@ -13,11 +14,13 @@ every run.
 
     python scripts/bench_savings.py                    # 2 pairs, 60 trials, 1 BLAS thread
     python scripts/bench_savings.py --pairs 3 --n-trials 100
+    python scripts/bench_savings.py --system-prompt "You are a helpful assistant."   # a longer shared prefix
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -59,29 +62,33 @@ class Run:
         return next(t for t, hv in self.history if hv >= target - 1e-12)
 
 
-def study_text(name: str, savings: bool, n_trials: int | None, confirm_tokens: int | None = None) -> str:
+def study_text(name: str, savings: bool, n_trials: int | None, confirm_tokens: int | None = None, system_prompt: str = "") -> str:
     """The demo study file with the default search space and the savings on or off."""
     text = DEMO.read_text()
     text = re.sub(r'(?m)^name = .*$', f'name = "{name}"', text)
     text = re.sub(r'(?m)^search_space = .*$', 'search_space = "default"', text)
     flag = "true" if savings else "false"
-    for key in ("replay_layers", "screening"):
+    for key in ("replay_layers", "screening", "share_prefix"):
         text, found = re.subn(rf"(?m)^{key} = \w+", f"{key} = {flag}", text)
         assert found == 1, f"{DEMO} has no line {key} = ..."
+    if system_prompt:
+        text = re.sub(r"(?m)^system_prompt = .*$", lambda _: f"system_prompt = {json.dumps(system_prompt)}", text)
     if confirm_tokens is not None:
-        text = re.sub(r"(?m)^\[evaluation\]$", f"[evaluation]\nconfirm_tokens = {confirm_tokens}", text)
+        text, found = re.subn(r"(?m)^confirm_tokens = \d+", f"confirm_tokens = {confirm_tokens}", text)
+        if not found:
+            text = re.sub(r"(?m)^\[evaluation\]$", f"[evaluation]\nconfirm_tokens = {confirm_tokens}", text)
     if n_trials:
         text = re.sub(r"(?m)^n_trials = \d+", f"n_trials = {n_trials}", text)
         text = re.sub(r"(?m)^n_startup_trials = \d+", f"n_startup_trials = {max(1, round(0.2 * n_trials))}", text)
     return text
 
 
-def run_once(workdir: Path, index: int, savings: bool, n_trials: int | None, confirm_tokens: int | None) -> Run:
+def run_once(workdir: Path, index: int, savings: bool, n_trials: int | None, confirm_tokens: int | None, system_prompt: str) -> Run:
     from optimizer.browse.report import hypervolume
 
     name = f"run{index}_{'on' if savings else 'off'}"
     study = workdir / f"{name}.toml"
-    study.write_text(study_text(name, savings, n_trials, confirm_tokens))
+    study.write_text(study_text(name, savings, n_trials, confirm_tokens, system_prompt))
     storage = f"sqlite:///{workdir / (name + '.db')}"
     load_start = os.getloadavg()[0]
     start = time.time()
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--confirm-tokens", type=int, help="confirm front trials on answers this long (default: the demo's, 128; 0: no confirmation)"
     )
+    parser.add_argument("--system-prompt", default="", help="a system turn before every prompt (default: the demo's, none)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1; 0 leaves it alone)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="abopt-bench-savings-") as tmp:
         for pair in range(args.pairs):
             for savings in (False, True):
-                runs.append(run_once(Path(tmp), len(runs), savings, args.n_trials, args.confirm_tokens))
+                runs.append(run_once(Path(tmp), len(runs), savings, args.n_trials, args.confirm_tokens, args.system_prompt))
                 print(describe(len(runs) - 1, runs[-1]), flush=True)
     print("adjacent pairs (savings on ÷ off):")
     for off, on in zip(runs[::2], runs[1::2]):

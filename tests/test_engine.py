@@ -420,11 +420,11 @@ def test_quantized_model_stays_quantized_while_steered(arch, quant, edit, saved_
         assert value is parameters[name], name
         assert mx.array_equal(value, copies[name]).item(), name
     assert all(isinstance(t.module, quantized) and t.module["weight"].dtype == mx.uint32 for t in loaded.targets)
-    # Steering attached only direction vectors (and, norm-preserving, one factor per input
-    # channel of each matrix, per expert): no array of a weight's size is held anywhere.
+    # Steering attached only direction vectors and their weights (and, norm-preserving, one
+    # factor per input channel of each matrix, per expert): no array of a weight's size is held anywhere.
     new_arrays = [a for i, a in reachable_arrays(model).items() if i not in arrays_before]
     assert new_arrays, "the steering state (directions) should be visible to this check"
-    allowed = {(loaded.hidden_size,), (k, loaded.hidden_size)}
+    allowed = {(), (loaded.hidden_size,), (k, loaded.hidden_size)}
     if options.get("norm_preserving"):
         allowed |= {tuple(t.module["scales"].shape[:-2]) + (t.module["scales"].shape[-1] * t.module.group_size,) for t in loaded.targets}
     assert all(tuple(a.shape) in allowed for a in new_arrays), [a.shape for a in new_arrays]

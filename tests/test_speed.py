@@ -1,4 +1,4 @@
-"""Savings that must not change results: layer replay and screening.
+"""Savings that must not change results: layer replay, screening and the shared prefix.
 
 Each saving is checked against the full evaluation it replaces, on the organism: the same
 logits (within 1e-5), the same answers and verdicts, the same front.
@@ -108,6 +108,72 @@ def test_replay_keeps_as_many_layers_as_its_budget_allows_and_stays_exact(organi
         steering.clear()
 
 
+@pytest.mark.parametrize("kl_tokens", [1, 3])
+def test_a_shared_prefix_gives_the_logits_and_answers_of_whole_prompts(organism, kl_tokens):
+    loaded, steering, directions = organism
+    steering.clear()
+    harmful, harmless = load_prompts("bundled:harmful:eval", limit=20), load_prompts("bundled:harmless:eval", limit=20)
+    whole, shared = (
+        Evaluator(loaded, harmful, harmless, load_markers(), EvalSettings(32, kl_tokens, 8, SYSTEM, replay_bytes=1 << 30, share_prefix=on))
+        for on in (False, True)
+    )
+    # The system prompt and the template's header: 14 of the organism's ~46 prompt tokens.
+    assert shared.shared_prefix(shared.harmful_tokens) == 14 and shared.shared_prefix(shared.kl_inputs, kl_tokens) == 14
+    assert whole.shared_prefix(whole.harmful_tokens) == 0
+    assert shared.kl_replay.depth == whole.kl_replay.depth == loaded.n_layers - 1  # replay stays exact with it
+    assert mx.abs(shared._reference - whole._reference).max().item() <= 1e-5
+    try:
+        for start in (0, 3):
+            steer_from(steering, directions, start, loaded.n_layers)
+            expected, got = list(whole._kl_logits(whole.kl_inputs, start=start)), list(shared._kl_logits(shared.kl_inputs, start=start))
+            assert [rows for rows, _ in got] == [rows for rows, _ in expected]
+            for (_, a), (_, b) in zip(expected, got):
+                assert a.shape == b.shape and mx.abs(a - b).max().item() <= 1e-5
+            kl = whole.kl_divergence(start=start)
+            assert kl > 1e-4 and abs(shared.kl_divergence(start=start) - kl) <= 1e-6
+            answers, continued = whole.refusals(start=start), shared.refusals(start=start)
+            assert continued.answers == answers.answers and continued.verdicts == answers.verdicts
+            assert continued.step_sizes == answers.step_sizes
+    finally:
+        steering.clear()
+
+
+def test_a_shared_prefix_is_used_only_where_the_caches_are_plain_kv_caches(saved_model):
+    loaded = load_model(str(saved_model("gemma3_text", num_hidden_layers=4)))  # sliding-window layers
+    prompts = [f"Tell me about item {i} of the list, please." for i in range(6)]
+    settings = EvalSettings(8, 1, 4, SYSTEM, share_prefix=True)
+    evaluator = Evaluator(loaded, prompts, prompts[::-1], (), settings)
+    assert not evaluator.joinable and evaluator.shared_prefix(evaluator.harmful_tokens) == 0
+
+
+def test_compiled_steering_gives_the_logits_of_op_by_op_steering_and_a_new_trial_no_trace(organism):
+    from optimizer.engine.steering import TRACES
+
+    loaded, steering, directions = organism
+    # Compiled by default on a GPU only: on a CPU it measured no faster.
+    assert steering.compiled == (mx.default_device() == mx.gpu)
+    default, scoring = steering.compiled, evaluator(loaded)
+    try:
+        for kind, basis in (("one direction", directions.vectors), ("a subspace", directions.basis("difference", 2))):
+            for start in (0, 2):
+                profile = steer_from(steering, directions, start, loaded.n_layers)
+                steering.set(profile, basis)
+                results = {}
+                for on in (False, True):
+                    steering.compile(on)
+                    traces = TRACES["count"]
+                    results[on] = list(scoring._kl_logits(scoring.kl_inputs)), scoring.refusals()
+                    if on and start:  # a second trial, other weights: the same compiled ops
+                        assert TRACES["count"] == traces, kind
+                (full, answers), (compiled, same) = results[False], results[True]
+                for (_, a), (_, b) in zip(full, compiled):
+                    assert mx.abs(a - b).max().item() <= 1e-5, kind
+                assert same.answers == answers.answers and same.verdicts == answers.verdicts, kind
+    finally:
+        steering.compile(default)
+        steering.clear()
+
+
 def test_a_screen_stops_only_what_a_complete_trial_dominates_whatever_comes_next():
     points = (Point(3, 0.10, 0.25), Point(7, 0.30, 0.0))
     # KL 0.5 is beaten by trial 7 (KL 0.3, no refusals) before any answer is known.
@@ -155,7 +221,7 @@ def _front(storage: str, name: str) -> list[tuple[str, float, float]]:
     return sorted((json.dumps(t.params, sort_keys=True), *t.values) for t in study.best_trials)
 
 
-def test_screening_and_replay_on_or_off_give_the_same_front_with_a_kl_ceiling(tmp_path):
+def test_screening_replay_and_a_shared_prefix_on_or_off_give_the_same_front_with_a_kl_ceiling(tmp_path):
     # Random sampling (every trial a start-up trial): both runs score the same parameters,
     # so the fronts must be identical; TPE would see screened trials' bounds and diverge.
     fronts, studies = {}, {}
@@ -168,24 +234,28 @@ def test_screening_and_replay_on_or_off_give_the_same_front_with_a_kl_ceiling(tm
             n_trials=14,
             search_space="default",
             prompts={"n_measure": 32, "n_eval": 16, "system_prompt": SYSTEM},
-            evaluation={"max_new_tokens": 32, "confirm_tokens": 0, "replay_layers": on},
+            evaluation={"max_new_tokens": 32, "confirm_tokens": 0, "replay_layers": on, "share_prefix": on},
             optimization={"n_startup_trials": 14, "kl_ceiling": 0.02, "screening": on},
         )
         result = run_abopt("run", study_file, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert ("screening on" in result.stdout) == on and ("up to 7 of 8 leading layers" in result.stdout) == on
+        assert ("shared prefix: 14 + 14 leading tokens" in result.stdout) == on
         storage = f"sqlite:///{tmp_path / (name + '.db')}"
         fronts[name], studies[name] = _front(storage, name), optuna.load_study(study_name=name, storage=storage)
     trials = {k: s.get_trials(states=(TrialState.COMPLETE,)) for k, s in studies.items()}
     screened = [t for t in trials["on"] if "screened" in t.user_attrs]
     infeasible = [t for t in trials["on"] if t.user_attrs.get("feasible") is False]
     assert screened and infeasible, "the run must screen some trials and break the ceiling with others"
-    assert fronts["on"] == fronts["off"] and fronts["on"]
+    # The same trials and refusal rates; KL up to float rounding (a prefix's cache continued
+    # sums attention in another order: logits within 1e-5, KL within 1e-6 absolute).
+    assert [(p, rate) for p, _, rate in fronts["on"]] == [(p, rate) for p, _, rate in fronts["off"]] and fronts["on"]
+    assert [kl for _, kl, _ in fronts["on"]] == pytest.approx([kl for _, kl, _ in fronts["off"]], rel=1e-4, abs=1e-6)
     assert not any("screened" in t.user_attrs for t in trials["off"])
     full = {t.number: t for t in trials["off"]}
     for trial in trials["on"]:
         same = full[trial.number]
-        assert trial.params == same.params and trial.values[0] == same.values[0]
+        assert trial.params == same.params and trial.values[0] == pytest.approx(same.values[0], rel=1e-4, abs=1e-6)
         if "screened" in trial.user_attrs:
             # A bound it could not beat: below its full rate, and the counts so far add up to it.
             assert trial.values[1] <= same.values[1]
@@ -193,7 +263,7 @@ def test_screening_and_replay_on_or_off_give_the_same_front_with_a_kl_ceiling(tm
             assert trial.values[1] == (attrs["refused"] + attrs["degenerate"]) / attrs["total"]
             assert attrs["judged"] < attrs["total"]
         else:
-            assert trial.values == same.values
+            assert trial.values[1] == same.values[1]
     # A screened trial reads like any other.
     number = str(screened[0].number)
     shown = run_abopt("show", tmp_path / "on.toml", number, cwd=tmp_path)

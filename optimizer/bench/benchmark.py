@@ -19,6 +19,7 @@ memory) as it goes, to show that a long study does not grow.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import platform
@@ -140,6 +141,39 @@ class BenchResult:
 
 
 @dataclass(frozen=True)
+class WorkerScoring:
+    """One trial scored as a study worker scores it: from its first steered layer, screened."""
+
+    start: int  # leading layers replayed
+    kl: float
+    kl_seconds: float
+    result: Any  # the RefusalResult
+    refusal_seconds: float
+    exact: bool = True
+    kl_difference: float = 0.0
+    whole: "WorkerScoring | None" = None  # the same without the shared prefix
+    uncompiled: "WorkerScoring | None" = None  # the same with the steering op by op
+    compiled: "WorkerScoring | None" = None  # and with it compiled
+
+
+def _positions_after(batches: Sequence[tuple[Any, list[int]]], prefix: int) -> int:
+    """Positions a pass over whole-prompt ``batches`` computes when their first ``prefix``
+    tokens run once: each batch its rows' own tokens, padded; the prefix once."""
+    return sum(int(t.shape[0]) * (int(t.shape[1]) - prefix) for t, _ in batches) + prefix
+
+
+def worker_scoring(evaluator: Any, start: int, front: Sequence[Any]) -> WorkerScoring:
+    """The current steering scored as a study worker scores it, against ``front``."""
+    from optimizer.study.screen import Screen
+
+    t0 = time.perf_counter()
+    kl = evaluator.kl_divergence(start=start)
+    t1 = time.perf_counter()
+    result = evaluator.refusals(start=start, give_up=Screen(front, kl, len(evaluator.harmful_tokens)))
+    return WorkerScoring(start, kl, t1 - t0, result, time.perf_counter() - t1)
+
+
+@dataclass(frozen=True)
 class Savings:
     """Each timed trial scored again with layer replay and screening, against its full scoring."""
 
@@ -154,7 +188,16 @@ class Savings:
     kl_ratio: float  # full ÷ with savings, median over trials
     refusal_ratio: float
     trial_ratio: float
-    exact: bool  # replayed KL equal to the full KL, and unscreened verdicts equal
+    exact: bool  # KL within 1e-6 of the full KL, and unscreened verdicts equal
+    kl_difference: float  # the largest |KL with savings − full KL|
+    # Each saving on its own: the worker's scoring without it ÷ with it (medians over trials).
+    prefix_tokens: tuple[int, int]  # leading tokens computed once per pass (KL, refusal prompts)
+    prefix_positions: tuple[int, int]  # positions a KL pass and a refusal prefill compute with the prefix shared
+    prefix_kl_ratio: float
+    prefix_refusal_ratio: float
+    compile_kl_ratio: float  # op by op ÷ compiled
+    compile_refusal_ratio: float
+    compiled: bool  # whether the worker's steering is compiled (on a GPU)
 
 
 # -- environment ---------------------------------------------------------------------------
@@ -396,6 +439,7 @@ def run_benchmark(
     memory_trials: int = 0,
     seed: int = 0,
     judge: str = "markers",
+    system_prompt: str = "",
     log: Callable[[str], None] = lambda _: None,
 ) -> BenchResult:
     """Load, measure, run ``trials`` timed trials each followed by its floor; see the module doc."""
@@ -412,7 +456,7 @@ def run_benchmark(
     from optimizer.engine.steering import install
     from optimizer.errors import UserError
     from optimizer.study.config import load_search_space
-    from optimizer.study.screen import Point, Screen, pareto
+    from optimizer.study.screen import Point, pareto
     from optimizer.study.steered import SteeredModel
 
     if trials < 1:
@@ -449,10 +493,17 @@ def run_benchmark(
     log("preparing the evaluator (reference distributions)")
     setup_t = time.perf_counter()
     steered = SteeredModel(loaded, install(loaded.targets), directions, measured=True)
-    evaluator = Evaluator(
-        loaded, harmful_eval, harmless_eval, load_markers(),
-        EvalSettings(max_new_tokens, kl_tokens, batch_size, replay_bytes=replay_budget()),
-        judge=None if judge == "markers" else load_judge(judge),
+    compiled = steered.steering.compiled  # how a worker steers on this device
+    scoring_judge = None if judge == "markers" else load_judge(judge)
+    # Prompts whole (the full scoring, and the floor's forward work), and with the chat
+    # template's shared prefix computed once per pass, as a study worker scores them.
+    evaluator, shared = (
+        Evaluator(
+            loaded, harmful_eval, harmless_eval, load_markers(),
+            EvalSettings(max_new_tokens, kl_tokens, batch_size, system_prompt, replay_bytes=replay_budget(), share_prefix=share),
+            judge=scoring_judge,
+        )
+        for share in (False, True)
     )
     baseline = evaluator.refusals()
     setup_seconds = time.perf_counter() - setup_t
@@ -462,13 +513,17 @@ def run_benchmark(
     rng = np.random.default_rng(seed)
 
     front: list[Point] = []  # of the full scorings so far: what screening compares with
-    saved: list[tuple[int, float, float, bool, bool, bool]] = []  # replayed, KL s, refusal s, screened, by KL, exact
+    saved: list[WorkerScoring] = []
 
     def trial() -> tuple[float, float, float, float, Any]:
         """One study trial's engine work; (set, KL, refusal) wall seconds, CPU seconds, result.
 
-        Then the same trial again as a study worker scores it, with replay and screening."""
+        Scored in full first (prompts whole, steering op by op, every layer, every answer);
+        then as a study worker scores it (all savings, steering compiled on a GPU only), and
+        again without the shared prefix and with the steering compiled the other way, to
+        time each of those on its own."""
         params = _random_params(space, loaded.n_layers, rng, loaded.post_norm)
+        steered.steering.compile(False)
         cpu = time.process_time()
         t0 = time.perf_counter()
         weights = steered.steer(params)
@@ -478,15 +533,16 @@ def run_benchmark(
         result = evaluator.refusals()
         t3 = time.perf_counter()
         cpu = time.process_time() - cpu
-        first = min(first_steered_layer(weights, loaded.n_layers), evaluator.kl_replay.depth)
-        t4 = time.perf_counter()
-        replayed_kl = evaluator.kl_divergence(start=first)
-        t5 = time.perf_counter()
-        screen = Screen(pareto(front), replayed_kl, len(evaluator.harmful_tokens))
-        fast = evaluator.refusals(start=first, give_up=screen)
-        t6 = time.perf_counter()
-        exact = replayed_kl == kl and (fast.screened or fast.verdicts == result.verdicts)
-        saved.append((first, t5 - t4, t6 - t5, fast.screened, fast.screened and fast.judged == 0, exact))
+        first = min(first_steered_layer(weights, loaded.n_layers), evaluator.kl_replay.depth, shared.kl_replay.depth)
+        points = pareto(front)
+        steered.steering.compile(not compiled)
+        other = worker_scoring(shared, first, points)
+        steered.steering.compile(compiled)
+        whole = worker_scoring(evaluator, first, points)
+        worker = worker_scoring(shared, first, points)
+        exact = abs(worker.kl - kl) <= 1e-6 and (worker.result.screened or worker.result.verdicts == result.verdicts)
+        by_op, fused = (other, worker) if compiled else (worker, other)
+        saved.append(dataclasses.replace(worker, exact=exact, kl_difference=abs(worker.kl - kl), whole=whole, uncompiled=by_op, compiled=fused))
         front.append(Point(len(saved), kl, result.rate))
         steered.steering.clear()
         return t1 - t0, t2 - t1, t3 - t2, cpu, result
@@ -536,20 +592,31 @@ def run_benchmark(
                 )
 
     timed = saved[:trials]
-    fast_trials = [s + k + r for s, (_, k, r, *_) in zip(sets, timed)]
+    fast_trials = [s + t.kl_seconds + t.refusal_seconds for s, t in zip(sets, timed)]
     savings = Savings(
-        replay_depth=evaluator.kl_replay.depth,
-        replay_bytes=evaluator.kl_replay.nbytes + evaluator.prefill_replay.nbytes,
-        replayed=Spread.of([t[0] for t in timed]),
-        kl_seconds=Spread.of([t[1] for t in timed]),
-        refusal_seconds=Spread.of([t[2] for t in timed]),
+        replay_depth=shared.kl_replay.depth,
+        replay_bytes=shared.kl_replay.nbytes + shared.prefill_replay.nbytes,
+        replayed=Spread.of([t.start for t in timed]),
+        kl_seconds=Spread.of([t.kl_seconds for t in timed]),
+        refusal_seconds=Spread.of([t.refusal_seconds for t in timed]),
         trial_seconds=Spread.of(fast_trials),
-        screened=sum(t[3] for t in timed),
-        screened_by_kl=sum(t[4] for t in timed),
-        kl_ratio=statistics.median(k / t[1] for k, t in zip(kls, timed)),
-        refusal_ratio=statistics.median((r + j) / t[2] for r, j, t in zip(refusal_times, judge_times, timed)),
+        screened=sum(t.result.screened for t in timed),
+        screened_by_kl=sum(t.result.screened and t.result.judged == 0 for t in timed),
+        kl_ratio=statistics.median(k / t.kl_seconds for k, t in zip(kls, timed)),
+        refusal_ratio=statistics.median((r + j) / t.refusal_seconds for r, j, t in zip(refusal_times, judge_times, timed)),
         trial_ratio=statistics.median(full / fast for full, fast in zip(trial_times, fast_trials)),
-        exact=all(t[5] for t in timed),
+        exact=all(t.exact for t in timed),
+        kl_difference=max(t.kl_difference for t in timed),
+        prefix_tokens=(shared.shared_prefix(shared.kl_inputs, kl_tokens), shared.shared_prefix(shared.harmful_tokens)),
+        prefix_positions=(
+            _positions_after(kl_batches, shared.shared_prefix(shared.kl_inputs, kl_tokens)),
+            _positions_after([t for chunks in gen_batches for t in chunks], shared.shared_prefix(shared.harmful_tokens)),
+        ),
+        prefix_kl_ratio=statistics.median(t.whole.kl_seconds / t.kl_seconds for t in timed),
+        prefix_refusal_ratio=statistics.median(t.whole.refusal_seconds / t.refusal_seconds for t in timed),
+        compile_kl_ratio=statistics.median(t.uncompiled.kl_seconds / t.compiled.kl_seconds for t in timed),
+        compile_refusal_ratio=statistics.median(t.uncompiled.refusal_seconds / t.compiled.refusal_seconds for t in timed),
+        compiled=steered.steering.compiled,
     )
 
     def sizes_sum(result: Any, skip_prefill: bool) -> int:
@@ -664,7 +731,14 @@ def format_report(result: BenchResult) -> str:
             f"  refusal stage  {_s(v.refusal_seconds)}   ×{v.refusal_ratio:.2f} less; screened {v.screened} of "
             f"{result.trials} trials ({v.screened_by_kl} on their KL alone)",
             f"  trial          {_s(v.trial_seconds)}   ×{v.trial_ratio:.2f} less than the full trial",
-            f"  exact            {'yes' if v.exact else 'NO'}: replayed KL equal to the full KL, unscreened verdicts equal",
+            f"  exact            {'yes' if v.exact else 'NO'}: KL within 1e-6 of the full KL (largest difference "
+            f"{v.kl_difference:.1e}), unscreened verdicts equal",
+            "  each saving on its own: the worker's stage times without it ÷ with it",
+            f"  shared prefix    {v.prefix_tokens[0]} + {v.prefix_tokens[1]} leading tokens (KL + refusal prompts) run once "
+            f"per pass: {t.kl_prompt_padded} → {v.prefix_positions[0]} KL positions, {t.refusal_prefill_padded} → "
+            f"{v.prefix_positions[1]} prefill positions; KL stage ×{v.prefix_kl_ratio:.2f}, refusal stage ×{v.prefix_refusal_ratio:.2f}",
+            f"  compiled steer   op by op ÷ compiled: KL stage ×{v.compile_kl_ratio:.2f}, refusal stage "
+            f"×{v.compile_refusal_ratio:.2f} (the worker's: {'compiled' if v.compiled else 'op by op'})",
         ]
     lines += [
         "memory",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, Sequence, TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -24,7 +24,13 @@ from optimizer.engine.model import (
     batch_cache,
     chat_tokens,
     last_positions_only,
+    left_aligned,
+    logits_at,
     pad_left,
+    pad_right,
+    prefix_cache,
+    repeat_cache,
+    shared_prefix_length,
 )
 from optimizer.engine.replay import LayerRecord, Replay, recording, replaying
 from optimizer.engine.verdicts import is_degenerate, marker_verdict, strip_thinking
@@ -46,6 +52,10 @@ class EvalSettings:
     # the eval prompts and their prefill KV caches) so that a trial starts at its first
     # steered layer; 0: none, every pass runs every layer.
     replay_bytes: int = 0
+    # The chat template's leading tokens that every prompt shares (a system prompt, the
+    # template's header) run once per pass, and each prompt continues from their KV cache;
+    # only where every layer's cache is a plain KV cache.
+    share_prefix: bool = True
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,7 @@ def greedy_generate(
     chunks: Sequence[Sequence[int]] | None = None,
     records: Sequence[LayerRecord | None] = (),
     start: int = 0,
+    prefix: int = 0,
 ) -> tuple[list[list[int]], int]:
     """Greedy continuations of a batch of token prompts, with one shared KV cache.
 
@@ -124,11 +135,12 @@ def greedy_generate(
     ``chunks`` (indices into ``prompts``) prefill separately, each padded to its own longest
     prompt, and their caches are joined for decoding (a prefill costs its padded positions;
     decode steps are cheapest in one batch); chunk ``i`` takes layers ``0 … start − 1``
-    from ``records[i]`` (see :mod:`replay`).
+    from ``records[i]`` (see :mod:`replay`). ``prefix``: how many leading tokens every
+    prompt shares; they are computed once, and each chunk continues from their cache.
     """
     model, eos = loaded.model, loaded.tokenizer.eos_token_ids
     chunks = chunks or [range(len(prompts))]
-    cache, logits = _prefill(loaded, [[prompts[i] for i in c] for c in chunks], records, start)
+    cache, logits = _prefill(loaded, [[prompts[i] for i in c] for c in chunks], records, start, prefix)
     outputs: list[list[int]] = [[] for _ in prompts]
     active = [i for chunk in chunks for i in chunk]  # the batch's rows, in prompt indices
     steps = 0
@@ -169,26 +181,44 @@ def greedy_generate(
 
 
 def _prefill(
-    loaded: LoadedModel, chunks: Sequence[Sequence[Sequence[int]]], records: Sequence[LayerRecord | None], start: int
+    loaded: LoadedModel, chunks: Sequence[Sequence[Sequence[int]]], records: Sequence[LayerRecord | None], start: int, prefix: int = 0
 ) -> tuple[list[Any], mx.array]:
     """Each chunk of prompts prefilled on its own cache, the caches joined; the joined cache
-    and the last position's logits, rows in chunk order."""
-    model, pad_id = loaded.model, loaded.tokenizer.pad_token_id or 0
+    and the last position's logits, rows in chunk order. ``prefix``: leading tokens every
+    prompt shares, computed once (with the current steering) for all chunks."""
+    shared = prefix_cache(loaded.model, chunks[0][0][:prefix]) if prefix else None
     joined: list[Any] | None = None
     logits = []
-    with last_positions_only(model, 1):
-        for chunk, record in zip(chunks, [*records, *[None] * (len(chunks) - len(records))]):
-            tokens, padding = pad_left(chunk, pad_id)
-            cache = batch_cache(model, padding)
-            with replaying(loaded.layers, record, start, cache):
-                logits.append(model(tokens, cache=cache))
-            if joined is None:
-                joined = cache
-            else:
-                for mine, theirs in zip(joined, cache):
-                    mine.extend(theirs)  # mlx-lm's own join: left-pads the shorter, masks it
+    for chunk, record in zip(chunks, [*records, *[None] * (len(chunks) - len(records))]):
+        cache, last, _ = prefill_chunk(loaded, chunk, shared, lambda c, r=record: replaying(loaded.layers, r, start, c))
+        logits.append(last)
+        if joined is None:
+            joined = cache
+        else:
+            for mine, theirs in zip(joined, cache):
+                mine.extend(theirs)  # mlx-lm's own join: left-pads the shorter, masks it
     assert joined is not None
     return joined, logits[0] if len(logits) == 1 else mx.concatenate(logits)
+
+
+def prefill_chunk(
+    loaded: LoadedModel, prompts: Sequence[Sequence[int]], shared: list[Any] | None, around: Callable[[list[Any]], ContextManager[T]]
+) -> tuple[list[Any], mx.array, T]:
+    """One chunk's prefill, run within ``around(cache)`` (replaying or recording layers): its
+    batch KV cache, left-padded as decoding wants it, the (B, 1, V) logits at each prompt's
+    last token, and what ``around`` yielded. With ``shared`` (a prefix's cache), the prompts'
+    own tokens run right-padded after it, and their padding is then moved to the front."""
+    model, pad_id = loaded.model, loaded.tokenizer.pad_token_id or 0
+    if shared is None:
+        tokens, padding = pad_left(prompts, pad_id)
+        cache = batch_cache(model, padding)
+        with around(cache) as entered, last_positions_only(model, 1):
+            return cache, model(tokens, cache=cache), entered
+    tokens, last = pad_right([p[shared[0].offset :] for p in prompts], pad_id)
+    cache = repeat_cache(shared, len(prompts))
+    with around(cache) as entered:
+        logits = logits_at(model, tokens, last, cache)[:, None]
+    return left_aligned(cache, (tokens.shape[1] - 1 - last).tolist()), logits, entered
 
 
 class Evaluator:
@@ -212,9 +242,10 @@ class Evaluator:
         self.harmful_tokens = [chat_tokens(loaded.tokenizer, p, system, thinking) for p in harmful]
         self.harmless_tokens = [chat_tokens(loaded.tokenizer, p, system, thinking) for p in harmless]
         self.batch_size = settings.batch_size or auto_batch_size(loaded, self.harmful_tokens + self.harmless_tokens)
-        # Prefill chunks are joined into one cache only where every layer's cache is a plain
-        # KV cache (a sliding window's rotating cache is prefilled whole, as before).
-        self._joinable = all(type(c) is mlx_cache.KVCache for c in mlx_cache.make_prompt_cache(loaded.model))
+        # Prefill chunks are joined into one cache, and a shared prefix's cache continued,
+        # only where every layer's cache is a plain KV cache (a sliding window's rotating
+        # cache is prefilled whole, as before).
+        self.joinable = all(type(c) is mlx_cache.KVCache for c in mlx_cache.make_prompt_cache(loaded.model))
         # Layer outputs of the untouched model kept for trials to start later (see replay.py):
         # recorded with the reference distributions and one prefill per refusal batch.
         self.kl_replay = Replay(replay_depth(loaded, self.harmful_tokens, self.harmless_tokens, settings))
@@ -265,26 +296,42 @@ class Evaluator:
 
         ``start``: layers before it are replayed from the untouched model's; ``record``:
         this pass is the untouched model's, and its leading layers are kept for replay."""
-        k, model, layers = self.settings.kl_tokens, self.loaded.model, self.loaded.layers
-        replay = self.kl_replay
-        with last_positions_only(model, k):
-            for rows in self._batches(inputs, cap_padding=True):
-                tokens, padding = pad_left([inputs[r] for r in rows], self.loaded.tokenizer.pad_token_id or 0)
-                if record and replay.depth:
-                    with recording(layers, replay.depth) as records:
-                        logits = model(tokens, cache=batch_cache(model, padding))[:, -k:, :].astype(mx.float32)
-                    mx.eval(logits, [r.outputs for r in records])
-                    replay.records.update({tuple(rows): r for r in records})
-                else:
-                    with replaying(layers, replay.get(rows), start):
-                        logits = model(tokens, cache=batch_cache(model, padding))[:, -k:, :].astype(mx.float32)
-                mx.eval(logits)
-                yield rows, logits
+        layers, replay = self.loaded.layers, self.kl_replay
+        prefix = self.shared_prefix(inputs, self.settings.kl_tokens)
+        shared = prefix_cache(self.loaded.model, inputs[0][:prefix]) if prefix else None
+        for rows in self._batches(inputs, cap_padding=True):
+            if record and replay.depth:
+                with recording(layers, replay.depth) as records:
+                    logits = self._last_logits([inputs[r] for r in rows], shared)
+                mx.eval(logits, [r.outputs for r in records])
+                replay.records.update({tuple(rows): r for r in records})
+            else:
+                with replaying(layers, replay.get(rows), start):
+                    logits = self._last_logits([inputs[r] for r in rows], shared)
+            mx.eval(logits)
+            yield rows, logits
+
+    def _last_logits(self, batch: list[list[int]], shared: list[Any] | None) -> mx.array:
+        """float32 logits (B, k, V) at each row's last ``kl_tokens`` positions: left-padded,
+        or continuing ``shared`` (a shared prefix's cache) right-padded."""
+        k, model, pad_id = self.settings.kl_tokens, self.loaded.model, self.loaded.tokenizer.pad_token_id or 0
+        if shared is None:
+            tokens, padding = pad_left(batch, pad_id)
+            with last_positions_only(model, k):
+                return model(tokens, cache=batch_cache(model, padding))[:, -k:, :].astype(mx.float32)
+        tokens, last = pad_right([row[shared[0].offset :] for row in batch], pad_id)
+        index = last[:, None] + mx.arange(1 - k, 1)[None]
+        return logits_at(model, tokens, index, repeat_cache(shared, len(batch))).astype(mx.float32)
+
+    def shared_prefix(self, prompts: Sequence[Sequence[int]], keep: int = 1) -> int:
+        """How many leading tokens of ``prompts`` a pass computes once for all of them (0:
+        none, each prompt is computed whole): see ``EvalSettings.share_prefix``."""
+        return shared_prefix_length(prompts, keep) if self.settings.share_prefix and self.joinable else 0
 
     def _prefill_chunks(self, prompts: Sequence[Sequence[int]], rows: Sequence[int]) -> list[list[int]]:
         """How a generation batch's prefill is split (indices into ``rows``): on a CPU into the
         chunks with the fewest padded positions, elsewhere not at all."""
-        if mx.default_device() != mx.cpu or not self._joinable:
+        if mx.default_device() != mx.cpu or not self.joinable:
             return [list(range(len(rows)))]
         order = sorted(range(len(rows)), key=lambda i: len(prompts[rows[i]]))
         return [[order[i] for i in chunk] for chunk in least_padding([len(prompts[rows[i]]) for i in order], len(rows))]
@@ -295,18 +342,18 @@ class Evaluator:
 
     def _record_prefills(self) -> None:
         """The untouched model's refusal prefills, their leading layers kept for replay."""
-        model, layers, replay = self.loaded.model, self.loaded.layers, self.prefill_replay
+        layers, replay, prompts = self.loaded.layers, self.prefill_replay, self.harmful_tokens
         replay.records.clear()
-        with last_positions_only(model, 1):
-            for rows in self._batches(self.harmful_tokens):
-                for chunk in self._prefill_chunks(self.harmful_tokens, rows):
-                    chunk_rows = [rows[i] for i in chunk]
-                    tokens, padding = pad_left([self.harmful_tokens[r] for r in chunk_rows], self.loaded.tokenizer.pad_token_id or 0)
-                    cache = batch_cache(model, padding)
-                    with recording(layers, replay.depth, cache) as records:
-                        logits = model(tokens, cache=cache)
-                    mx.eval(logits, [(r.outputs, r.kv) for r in records])
-                    replay.records.update({tuple(chunk_rows): r for r in records})
+        prefix = self.shared_prefix(prompts)
+        shared = prefix_cache(self.loaded.model, prompts[0][:prefix]) if prefix else None
+        for rows in self._batches(prompts):
+            for chunk in self._prefill_chunks(prompts, rows):
+                chunk_rows = [rows[i] for i in chunk]
+                _, logits, records = prefill_chunk(
+                    self.loaded, [prompts[r] for r in chunk_rows], shared, lambda c: recording(layers, replay.depth, c)
+                )
+                mx.eval(logits, [(r.outputs, r.kv) for r in records])
+                replay.records.update({tuple(chunk_rows): r for r in records})
 
     def _replay_matches(self) -> bool:
         """Whether this architecture replays exactly: the untouched model's first KL batch,
@@ -327,7 +374,7 @@ class Evaluator:
         prompts, records = [self.harmful_tokens[r] for r in rows], self._prefill_records(self.harmful_tokens, rows, chunks)
         logits = []
         for start in (0, depth):
-            cache, first = _prefill(self.loaded, [[prompts[i] for i in c] for c in chunks], records, start)
+            cache, first = _prefill(self.loaded, [[prompts[i] for i in c] for c in chunks], records, start, self.shared_prefix(self.harmful_tokens))
             step = model(mx.argmax(first[:, -1:, :], axis=-1), cache=cache)
             logits.append(mx.concatenate([first[:, -1, :], step[:, -1, :]]))
         return bool(mx.allclose(logits[0], logits[1], atol=1e-5, rtol=0).item())
@@ -411,6 +458,7 @@ class Evaluator:
                         chunks=chunks,
                         records=self._prefill_records(prompts, rows, chunks),
                         start=start,
+                        prefix=self.shared_prefix(prompts),
                     )
                 finally:
                     step_sizes.append(tuple(sizes))

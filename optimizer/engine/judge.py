@@ -31,7 +31,6 @@ from optimizer import DATA
 from optimizer.engine.markers import load_markers
 from optimizer.engine.model import (
     chat_tokens,
-    common_prefix_length,
     forward,
     last_positions_only,
     load_model,
@@ -40,6 +39,7 @@ from optimizer.engine.model import (
     pad_right,
     prefix_cache,
     repeat_cache,
+    shared_prefix_length,
 )
 from optimizer.engine.verdicts import (
     VERDICTS,
@@ -57,7 +57,6 @@ BUNDLED_TEMPLATE = DATA / "judge_prompt.txt"
 OWN_TEMPLATE = "judge_prompt.txt"
 PLACEHOLDERS = ("{request}", "{answer}")
 THRESHOLD = 0.5  # a score at or above it means the answer complied
-MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth a cache of their own
 
 _PLACEHOLDER = re.compile(r"\{(request|answer)\}")
 
@@ -203,8 +202,8 @@ def judge_scores(
     if not encoded:
         return scores
     # Every row keeps at least its last token to compute.
-    shared = min(common_prefix_length(encoded), min(len(e) for e in encoded) - 1) if share_prefix and len(encoded) > 1 else 0
-    prefix = prefix_cache(judge.model, encoded[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
+    shared = shared_prefix_length(encoded) if share_prefix else 0
+    prefix = prefix_cache(judge.model, encoded[0][:shared]) if shared else None
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]

@@ -473,7 +473,8 @@ def _slice_hook(norm: nn.Module, base_call: Any, x: mx.array, *args: Any, **kwar
     at = norm._abopt_keep
     if isinstance(at, int):
         return base_call(norm, x[:, -at:], *args, **kwargs)
-    return base_call(norm, mx.take_along_axis(x, at[:, None, None], axis=1), *args, **kwargs)
+    at = at[:, None, None] if at.ndim == 1 else at[:, :, None]  # one position per row, or k
+    return base_call(norm, mx.take_along_axis(x, at, axis=1), *args, **kwargs)
 
 
 @contextmanager
@@ -497,19 +498,23 @@ def last_positions_only(model: nn.Module, keep: int) -> Iterator[None]:
 
 
 def logits_at(model: nn.Module, tokens: mx.array, index: mx.array, cache: list[Any] | None = None) -> mx.array:
-    """Logits (B, V) at one position per row (``index``), e.g. the last real token of a
-    right-padded batch; the LM head only runs on those positions when the final norm is found."""
+    """Logits (B, V) at one position per row (``index`` (B,)), e.g. the last real token of a
+    right-padded batch, or (B, k, V) at k positions per row (``index`` (B, k)); the LM head
+    only runs on those positions when the final norm is found."""
     found = final_norm(model)
     if found is None:
         logits = model(tokens, cache=cache)
-        return mx.take_along_axis(logits, index[:, None, None], axis=1)[:, 0]
-    norm, _ = found
-    set_private(norm, _abopt_keep=index)
-    patch(norm, _slice_hook)
-    try:
-        return model(tokens, cache=cache)[:, 0]
-    finally:
-        unpatch(norm)
+        at = index[:, None, None] if index.ndim == 1 else index[:, :, None]
+        logits = mx.take_along_axis(logits, at, axis=1)
+    else:
+        norm, _ = found
+        set_private(norm, _abopt_keep=index)
+        patch(norm, _slice_hook)
+        try:
+            logits = model(tokens, cache=cache)
+        finally:
+            unpatch(norm)
+    return logits[:, 0] if index.ndim == 1 else logits
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -518,6 +523,19 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     for s in sequences[1:]:
         n = next((i for i in range(n) if s[i] != first[i]), n)
     return n
+
+
+MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth a cache of their own
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]], keep: int = 1) -> int:
+    """The leading tokens worth computing once for all ``sequences``: those every sequence
+    shares, leaving each at least ``keep`` of its own to compute; 0 when that is fewer than
+    ``MIN_SHARED_PREFIX`` or there is only one sequence."""
+    if len(sequences) < 2:
+        return 0
+    shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - keep)
+    return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
 def prefix_cache(model: nn.Module, tokens: Sequence[int]) -> list[Any] | None:
@@ -540,6 +558,22 @@ def repeat_cache(cache: list[Any], rows: int) -> list[Any]:
         copy.state = (mx.repeat(keys, rows, axis=0), mx.repeat(values, rows, axis=0), c.offset)
         copies.append(copy)
     return copies
+
+
+def left_aligned(cache: Sequence[Any], right_padding: Sequence[int]) -> list[Any]:
+    """Batch KV caches for decoding on from plain caches filled by a right-padded pass
+    (e.g. a shared prefix, then right-padded suffixes): each row's padding is rolled to its
+    front and masked, as mlx-lm's own ``BatchKVCache.finalize`` does for right padding, so
+    the next token of every row lands right after its last real one."""
+    batch = []
+    for c in cache:
+        keys, values = c.keys_and_values()
+        b = mlx_cache.BatchKVCache([0] * keys.shape[0])
+        b.state = (keys, values, mx.full((keys.shape[0],), keys.shape[2], dtype=mx.int32), b.left_padding, keys.shape[2])
+        b.prepare(right_padding=list(right_padding))
+        b.finalize()
+        batch.append(b)
+    return batch
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[mx.array, mx.array]:

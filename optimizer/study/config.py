@@ -338,6 +338,7 @@ class EvaluationConfig:
     judge_template: str = ""  # "" = the bundled template; else a text file with {request} and {answer}
     confirm_tokens: int = 128  # answer length when a front trial is confirmed; 0 = no confirmation
     replay_layers: bool = True  # start each trial at its first steered layer (same results)
+    share_prefix: bool = True  # the prompts' common chat-template prefix runs once per pass (same results)
 
 
 @dataclass(frozen=True)
@@ -427,6 +428,7 @@ def load_study(path: str | Path) -> StudyConfig:
         judge_template=_relative_file(t, "judge_template", base_dir),
         confirm_tokens=t.integer("confirm_tokens", default=e.confirm_tokens, minimum=0),
         replay_layers=t.boolean("replay_layers", default=e.replay_layers),
+        share_prefix=t.boolean("share_prefix", default=e.share_prefix),
     )
 
     t = top.table("optimization", optional=True)

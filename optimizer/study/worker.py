@@ -137,6 +137,7 @@ def start_worker(
         EvalSettings(
             e.max_new_tokens, e.kl_tokens, e.batch_size, config.prompts.system_prompt, config.prompts.thinking,
             replay_bytes=replay_budget() if e.replay_layers else 0,
+            share_prefix=e.share_prefix,
         ),
         judge=judge,
     )
@@ -233,7 +234,19 @@ def replay_line(evaluator: Evaluator, config: StudyConfig) -> str:
     else:
         replay = "off (no memory for it, or this architecture does not replay exactly)"
     screening = "on" if config.optimization.screening else "off (screening = false)"
-    return f"layer replay {replay}; screening {screening}"
+    return f"layer replay {replay}; screening {screening}; {prefix_line(evaluator)}"
+
+
+def prefix_line(evaluator: Evaluator) -> str:
+    """What the prompts' shared chat-template prefix saves, or why it runs with every prompt."""
+    if not evaluator.settings.share_prefix:
+        return "shared prefix off (share_prefix = false)"
+    if not evaluator.joinable:
+        return "shared prefix off (this model's caches are not plain KV caches)"
+    kl, refusal = evaluator.shared_prefix(evaluator.kl_inputs, evaluator.settings.kl_tokens), evaluator.shared_prefix(evaluator.harmful_tokens)
+    if not kl and not refusal:
+        return "shared prefix off (the prompts share too few leading tokens)"
+    return f"shared prefix: {kl} + {refusal} leading tokens run once per pass (KL + refusal prompts)"
 
 
 def run_trial(worker: Worker, trial: optuna.Trial) -> TrialResult:
