@@ -198,6 +198,18 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stderr
 
 
+def test_a_dead_child_not_yet_reaped_is_not_alive():
+    child = subprocess.Popen(["true"])
+    try:
+        # Exited, but its parent has not waited for it: a zombie, whose pid still answers kill(0).
+        wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", timeout=10)
+        os.kill(child.pid, 0)
+        assert not pid_alive(child.pid)
+    finally:
+        child.wait()
+    assert pid_alive(os.getpid())
+
+
 @pytest.mark.slow
 def test_a_dead_worker_is_named_as_its_log_names_it(tmp_path, tiny_model_dir):
     study_file = write_study(tmp_path, tiny_model_dir, n_trials=30, evaluation={"max_new_tokens": 32})

@@ -7,8 +7,11 @@ import os
 import shutil
 import signal
 import sqlite3
+import socket
+import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -17,7 +20,9 @@ from optuna.trial import TrialState
 
 from conftest import run_abopt, start_abopt, study_dump, user_error, write_study
 from optimizer.study.config import load_study
-from optimizer.study.storage import worker_records
+from optimizer.study.sampling import make_sampler
+from optimizer.study.storage import GRACE_SECONDS, worker_records
+from optimizer.study.worker import recover_dead_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -454,3 +459,37 @@ def test_the_package_license_is_an_spdx_expression():
 
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     assert project["license"] == "MIT"
+
+
+def _running_trial(study: optuna.Study, *, age_seconds: float, worker: dict | None) -> int:
+    template = optuna.trial.create_trial(state=TrialState.RUNNING, params={}, distributions={})
+    template.datetime_start = datetime.now() - timedelta(seconds=age_seconds)
+    if worker is not None:
+        template.user_attrs = {"worker": worker}
+    study.add_trial(template)
+    return study.trials[-1].number
+
+
+def test_dead_workers_trials_are_failed_and_queued_again_even_unstamped(tmp_path):
+    study = optuna.create_study(storage=sqlite_url(tmp_path / "o.db"), directions=["minimize", "minimize"])
+    child = subprocess.Popen(["true"])
+    child.wait()  # a pid that no longer runs
+    host = socket.gethostname()
+    dead = _running_trial(study, age_seconds=1, worker={"host": host, "pid": child.pid, "index": 1})
+    alive = _running_trial(study, age_seconds=1, worker={"host": host, "pid": os.getppid(), "index": 0})
+    orphan = _running_trial(study, age_seconds=GRACE_SECONDS + 5, worker=None)  # killed before it was stamped
+    fresh = _running_trial(study, age_seconds=0, worker=None)  # being stamped right now
+    assert sorted(recover_dead_trials(study)) == [dead, orphan]
+    trials = study.get_trials()
+    assert [trials[n].state for n in (dead, alive, orphan, fresh)] == [TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL, TrialState.RUNNING]
+    assert "died" in trials[orphan].user_attrs["failure"]
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 2
+
+
+def test_a_new_trial_names_its_worker_before_it_runs(tmp_path):
+    study = optuna.create_study(storage=sqlite_url(tmp_path / "s.db"), directions=["minimize", "minimize"])
+    stamped = []
+    sampler = make_sampler(load_study(write_study(tmp_path, "organism")), 0, on_new_trial=lambda s, t: stamped.append(t.number))
+    study.sampler = sampler
+    trial = study.ask()
+    assert stamped == [trial.number] and trial.params == {}  # before any parameter was sampled

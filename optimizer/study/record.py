@@ -211,10 +211,13 @@ class Baseline:
 # --- writing ---------------------------------------------------------------------------------
 
 
-def write_start(trial: optuna.Trial, worker: WorkerInfo) -> int | None:
-    """Record which process runs ``trial`` (so a dead one is found) and, for a re-queued
-    trial, which trial it replays; returns that trial's number."""
-    trial.set_user_attr("worker", {"host": worker.host, "pid": worker.pid, "index": worker.index})
+def write_worker(study: optuna.Study, trial_id: int, worker: WorkerInfo) -> None:
+    """Record which process runs the trial, so that a dead one is found."""
+    study._storage.set_trial_user_attr(trial_id, "worker", {"host": worker.host, "pid": worker.pid, "index": worker.index})
+
+
+def write_retry_of(trial: optuna.Trial) -> int | None:
+    """For a re-queued trial, record which trial it replays; returns that trial's number."""
     retried = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
     if retried is not None:
         trial.set_user_attr("retry_of", retried)

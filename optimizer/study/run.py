@@ -185,7 +185,9 @@ def _run_processes(study_plan: StudyPlan, target: int, workers: int, display: Ru
 
 def _follow(processes: list[subprocess.Popen], study: optuna.Study, display: RunDisplay) -> None:
     seen = -1
-    while any(p.poll() is None for p in processes):
+    # Poll every process each time (not any(), which stops at the first live one): a dead
+    # worker left unreaped is a zombie whose pid still looks alive to the others.
+    while [p.poll() for p in processes].count(None):
         completed = completed_count(study)
         if completed != seen:
             seen = completed

@@ -2,29 +2,49 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from optimizer.engine.profile import AblationParams, ComponentProfile
 from optimizer.study.config import Range, SearchSpace, StudyConfig
 
 
-def make_sampler(config: StudyConfig, worker_index: int) -> optuna.samplers.TPESampler:
-    """Multivariate TPE, the same settings on every start; each worker its own seed."""
+class _StampingTPESampler(optuna.samplers.TPESampler):
+    """TPE that hands each new trial to ``on_new_trial`` before anything else happens to it."""
+
+    def __init__(self, on_new_trial: Callable[[optuna.Study, FrozenTrial], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._on_new_trial = on_new_trial
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._on_new_trial(study, trial)
+        super().before_trial(study, trial)
+
+
+def make_sampler(
+    config: StudyConfig, worker_index: int, on_new_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None
+) -> optuna.samplers.TPESampler:
+    """Multivariate TPE, the same settings on every start; each worker its own seed.
+
+    ``on_new_trial`` hears of each trial the moment Optuna has created it, before its
+    heartbeat starts: a worker can say whose trial it is before it could die unseen."""
     o = config.optimization
-    return optuna.samplers.TPESampler(
+    settings: dict[str, Any] = dict(
         multivariate=True,
         group=True,  # direction_index exists only in global-scope trials
         n_startup_trials=o.n_startup_trials,
         seed=o.seed + worker_index,
     )
-
+    if on_new_trial is None:
+        return optuna.samplers.TPESampler(**settings)
+    return _StampingTPESampler(on_new_trial, **settings)
 
 
 def sampler_settings(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> dict[str, Any]:
     """What a live sampler will actually do on ``study`` (read back from the object itself)."""
-    settings: dict[str, Any] = {"sampler": type(sampler).__name__}
+    settings: dict[str, Any] = {"sampler": "TPESampler" if isinstance(sampler, optuna.samplers.TPESampler) else type(sampler).__name__}
     if isinstance(sampler, optuna.samplers.TPESampler):
         settings.update(
             multivariate=sampler._is_multivariate(study),

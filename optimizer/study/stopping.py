@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from optimizer.errors import UserError
 
@@ -107,7 +108,7 @@ def watch_parent(interval: float = 0.5) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine."""
+    """Whether process ``pid`` runs on this machine (a zombie, dead but not yet reaped, does not)."""
     if pid <= 0:
         return False
     try:
@@ -116,4 +117,12 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (macOS): its parent reaps it
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"

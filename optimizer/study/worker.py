@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Callable
 
 import optuna
@@ -39,13 +40,15 @@ from optimizer.study.record import (
     write_baseline,
     write_failure,
     write_result,
-    write_start,
+    write_retry_of,
+    write_worker,
 )
 from optimizer.study.sampling import make_sampler, sampler_settings, suggest
 from optimizer.study.screen import Screen, front_points
 from optimizer.study.steered import SteeredModel, load_steered, load_study_judge
 from optimizer.study.stopping import pid_alive, stop_reason
 from optimizer.study.storage import (
+    GRACE_SECONDS,
     MAX_RETRIES,
     OnceStore,
     RetryDeadTrial,
@@ -55,20 +58,29 @@ from optimizer.study.storage import (
 
 
 def recover_dead_trials(study: optuna.Study) -> list[int]:
-    """Fail and re-queue RUNNING trials whose worker process on this host is gone.
+    """Fail and re-queue RUNNING trials whose worker process is known to be gone.
 
     Heartbeats catch them too, but only after the grace period; a restart on the same
-    machine (the common case after a crash) knows at once. Returns the failed numbers.
+    machine (the common case after a crash) knows at once. A trial whose worker never
+    said who it is died between Optuna creating it and the worker stamping it (see
+    ``make_sampler``), which no heartbeat shows: failed once the grace period is over.
+    Returns the failed numbers.
     """
     host = socket.gethostname()
     retry = RetryDeadTrial(max_retry=MAX_RETRIES)
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = read_trial(trial).worker
-        if worker is None or worker.host != host or worker.pid == os.getpid() or pid_alive(worker.pid):
+        if worker is None:
+            if trial.datetime_start is None or datetime.now() - trial.datetime_start < timedelta(seconds=GRACE_SECONDS):
+                continue
+            reason = "its worker process died before it started"
+        elif worker.host != host or worker.pid == os.getpid() or pid_alive(worker.pid):
             continue
+        else:
+            reason = f"worker process {worker.pid} died"
         try:
-            write_failure(study, trial._trial_id, f"worker process {worker.pid} died")
+            write_failure(study, trial._trial_id, reason)
             study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
@@ -154,7 +166,8 @@ def start_worker(
     baseline = Baseline.from_dict(json.loads(payload))
     write_baseline(study, baseline)
     row_id, index = register_worker(plan.storage_url, config.name)
-    sampler = make_sampler(config, index)
+    me = WorkerInfo.this_process(index)
+    sampler = make_sampler(config, index, on_new_trial=lambda study, trial: write_worker(study, trial._trial_id, me))
     study = optuna.load_study(study_name=config.name, storage=study._storage, sampler=sampler)
     record_sampler(plan.storage_url, row_id, sampler_settings(sampler, study) | {"seed": config.optimization.seed + index})
     return Worker(plan, study, model, evaluator, baseline, index, judge, log)
@@ -168,7 +181,7 @@ def _objective(worker: Worker, target: int) -> Callable[[optuna.Trial], tuple[fl
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         # A stop can land on any line: wherever it does, the trial is failed and re-queued.
         try:
-            write_start(trial, WorkerInfo.this_process(worker.index))
+            write_retry_of(trial)
             # Workers ask for trials concurrently: the lowest-numbered ones up to the target
             # run, any beyond it are dropped, so the study ends with exactly `target` trials.
             earlier = [
