@@ -154,6 +154,7 @@ class WorkerScoring:
     whole: "WorkerScoring | None" = None  # the same without the shared prefix
     uncompiled: "WorkerScoring | None" = None  # the same with the steering op by op
     compiled: "WorkerScoring | None" = None  # and with it compiled
+    plain_exp: "WorkerScoring | None" = None  # the same on mlx's own exp
 
 
 def _positions_after(batches: Sequence[tuple[Any, list[int]]], prefix: int) -> int:
@@ -198,6 +199,11 @@ class Savings:
     compile_kl_ratio: float  # op by op ÷ compiled
     compile_refusal_ratio: float
     compiled: bool  # whether the worker's steering is compiled (on a GPU)
+    exp_kl_ratio: float  # mlx's exp ÷ abopt's fast exp
+    exp_refusal_ratio: float
+    exp_kl_difference: float  # the largest |KL on the fast exp − KL on mlx's|
+    exp_verdicts_equal: bool  # unscreened verdicts the same on either exp
+    fast_exp: bool  # whether the worker runs the fast exp (on a CPU)
 
 
 # -- environment ---------------------------------------------------------------------------
@@ -446,6 +452,7 @@ def run_benchmark(
     import mlx.core as mx
     import mlx_lm
 
+    from optimizer.engine import fastexp
     from optimizer.engine.directions import measure
     from optimizer.engine.evaluate import EvalSettings, Evaluator, replay_budget
     from optimizer.engine.replay import first_steered_layer
@@ -476,7 +483,7 @@ def run_benchmark(
             path = model
         log(f"loading {path}")
         load_t = time.perf_counter()
-        loaded = load_model(path)
+        loaded = load_model(path, fast_exp=False)
         load_seconds = time.perf_counter() - load_t
     if synthetic:
         load_seconds = time.perf_counter() - started  # building counts as loading
@@ -494,6 +501,7 @@ def run_benchmark(
     setup_t = time.perf_counter()
     steered = SteeredModel(loaded, install(loaded.targets), directions, measured=True)
     compiled = steered.steering.compiled  # how a worker steers on this device
+    fast = mx.default_device() == mx.cpu  # and which exp it runs
     scoring_judge = None if judge == "markers" else load_judge(judge)
     # Prompts whole (the full scoring, and the floor's forward work), and with the chat
     # template's shared prefix computed once per pass, as a study worker scores them.
@@ -518,10 +526,10 @@ def run_benchmark(
     def trial() -> tuple[float, float, float, float, Any]:
         """One study trial's engine work; (set, KL, refusal) wall seconds, CPU seconds, result.
 
-        Scored in full first (prompts whole, steering op by op, every layer, every answer);
-        then as a study worker scores it (all savings, steering compiled on a GPU only), and
-        again without the shared prefix and with the steering compiled the other way, to
-        time each of those on its own."""
+        Scored in full first (prompts whole, steering op by op, mlx's exp, every layer,
+        every answer); then as a study worker scores it (all savings, steering compiled on
+        a GPU only, the fast exp on a CPU), and again without the shared prefix, with the
+        steering compiled the other way and on the other exp, to time each on its own."""
         params = _random_params(space, loaded.n_layers, rng, loaded.post_norm)
         steered.steering.compile(False)
         cpu = time.process_time()
@@ -535,14 +543,21 @@ def run_benchmark(
         cpu = time.process_time() - cpu
         first = min(first_steered_layer(weights, loaded.n_layers), evaluator.kl_replay.depth, shared.kl_replay.depth)
         points = pareto(front)
-        steered.steering.compile(not compiled)
-        other = worker_scoring(shared, first, points)
-        steered.steering.compile(compiled)
-        whole = worker_scoring(evaluator, first, points)
-        worker = worker_scoring(shared, first, points)
-        exact = abs(worker.kl - kl) <= 1e-6 and (worker.result.screened or worker.result.verdicts == result.verdicts)
+        # The exact savings are checked on the full scoring's exp; the fast exp on its own.
+        plain = worker_scoring(shared, first, points)
+        with fastexp.using(fast):
+            steered.steering.compile(not compiled)
+            other = worker_scoring(shared, first, points)
+            steered.steering.compile(compiled)
+            whole = worker_scoring(evaluator, first, points)
+            worker = worker_scoring(shared, first, points)
+        exact = abs(plain.kl - kl) <= 1e-6 and (plain.result.screened or plain.result.verdicts == result.verdicts)
         by_op, fused = (other, worker) if compiled else (worker, other)
-        saved.append(dataclasses.replace(worker, exact=exact, kl_difference=abs(worker.kl - kl), whole=whole, uncompiled=by_op, compiled=fused))
+        saved.append(
+            dataclasses.replace(
+                worker, exact=exact, kl_difference=abs(plain.kl - kl), whole=whole, uncompiled=by_op, compiled=fused, plain_exp=plain
+            )
+        )
         front.append(Point(len(saved), kl, result.rate))
         steered.steering.clear()
         return t1 - t0, t2 - t1, t3 - t2, cpu, result
@@ -617,6 +632,13 @@ def run_benchmark(
         compile_kl_ratio=statistics.median(t.uncompiled.kl_seconds / t.compiled.kl_seconds for t in timed),
         compile_refusal_ratio=statistics.median(t.uncompiled.refusal_seconds / t.compiled.refusal_seconds for t in timed),
         compiled=steered.steering.compiled,
+        exp_kl_ratio=statistics.median(t.plain_exp.kl_seconds / t.kl_seconds for t in timed),
+        exp_refusal_ratio=statistics.median(t.plain_exp.refusal_seconds / t.refusal_seconds for t in timed),
+        exp_kl_difference=max(abs(t.plain_exp.kl - t.kl) for t in timed),
+        exp_verdicts_equal=all(
+            t.result.verdicts == t.plain_exp.result.verdicts for t in timed if not (t.result.screened or t.plain_exp.result.screened)
+        ),
+        fast_exp=fast,
     )
 
     def sizes_sum(result: Any, skip_prefill: bool) -> int:
@@ -724,14 +746,14 @@ def format_report(result: BenchResult) -> str:
     if v is not None:
         lines += [
             "savings: each trial scored again as a study worker scores it (replay, screening against the full",
-            "scorings before it), against its full scoring above",
+            "scorings before it, shared prefix, the fast exp on a CPU), against its full scoring above",
             f"  layer replay     {v.replay_depth} of {m.n_layers} leading layers kept ({_mib(v.replay_bytes)}); "
             f"replayed per trial: median {v.replayed.median:.1f} (min {v.replayed.min:.0f}, max {v.replayed.max:.0f})",
             f"  KL stage       {_s(v.kl_seconds)}   ×{v.kl_ratio:.2f} less time than in full",
             f"  refusal stage  {_s(v.refusal_seconds)}   ×{v.refusal_ratio:.2f} less; screened {v.screened} of "
             f"{result.trials} trials ({v.screened_by_kl} on their KL alone)",
             f"  trial          {_s(v.trial_seconds)}   ×{v.trial_ratio:.2f} less than the full trial",
-            f"  exact            {'yes' if v.exact else 'NO'}: KL within 1e-6 of the full KL (largest difference "
+            f"  exact            {'yes' if v.exact else 'NO'}: on mlx's exp, KL within 1e-6 of the full KL (largest difference "
             f"{v.kl_difference:.1e}), unscreened verdicts equal",
             "  each saving on its own: the worker's stage times without it ÷ with it",
             f"  shared prefix    {v.prefix_tokens[0]} + {v.prefix_tokens[1]} leading tokens (KL + refusal prompts) run once "
@@ -739,6 +761,9 @@ def format_report(result: BenchResult) -> str:
             f"{v.prefix_positions[1]} prefill positions; KL stage ×{v.prefix_kl_ratio:.2f}, refusal stage ×{v.prefix_refusal_ratio:.2f}",
             f"  compiled steer   op by op ÷ compiled: KL stage ×{v.compile_kl_ratio:.2f}, refusal stage "
             f"×{v.compile_refusal_ratio:.2f} (the worker's: {'compiled' if v.compiled else 'op by op'})",
+            f"  fast exp         mlx's ÷ abopt's: KL stage ×{v.exp_kl_ratio:.2f}, refusal stage ×{v.exp_refusal_ratio:.2f}; "
+            f"KL differs by at most {v.exp_kl_difference:.1e}, verdicts {'equal' if v.exp_verdicts_equal else 'DIFFER'} "
+            f"(the worker's: {'fast' if v.fast_exp else 'mlx'})",
         ]
     lines += [
         "memory",

@@ -360,8 +360,7 @@ class Evaluator:
         and its first refusal prefill and decode step, started at the deepest kept layer,
         give the logits of the full passes (a model whose layers depend on each other in
         other ways than through the residual stream and their own caches would not)."""
-        model, layers, depth = self.loaded.model, self.loaded.layers, self.kl_replay.depth
-        pad_id = self.loaded.tokenizer.pad_token_id or 0
+        model, depth = self.loaded.model, self.kl_replay.depth
         rows = self._batches(self._kl_inputs, cap_padding=True)[0]
         batches = self._kl_logits(self._kl_inputs, start=depth)
         _, replayed = next(batches)

@@ -25,6 +25,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import MODEL_REMAPPING, dequantize_model
 
 from optimizer import DATA
+from optimizer.engine import fastexp
 from optimizer.engine.fingerprint import model_identity
 from optimizer.engine.patch import patch, set_private, unpatch
 from optimizer.errors import UserError
@@ -177,7 +178,13 @@ def compute_dtype(requested: str) -> mx.Dtype | None:
 
 
 def load_model(
-    source: str, *, dtype: str = "auto", trust_remote_code: bool = False, lazy: bool = False, unpack: bool = False
+    source: str,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    lazy: bool = False,
+    unpack: bool = False,
+    fast_exp: bool | None = None,
 ) -> LoadedModel:
     """Load ``source`` with mlx-lm and locate its decoder layers and steering targets.
 
@@ -186,6 +193,8 @@ def load_model(
     dequantize a quantized model's weights (to the compute dtype) when that fits in half
     the free memory: mlx's CPU backend has no fast quantized matmul, and dequantizing gives
     the very weight values the quantized kernels compute with. Export keeps them packed.
+    ``fast_exp``: on a CPU, whether this process's models run SiLU and attention with
+    :mod:`fastexp` (None leaves it as it is; a GPU always keeps mlx-lm's own).
     """
     path = resolve_model_path(source)
     config = read_config(path)
@@ -198,6 +207,10 @@ def load_model(
         model = dequantize_model(model)
     if not lazy:
         mx.eval(model.parameters())
+    if fast_exp and mx.default_device() == mx.cpu:
+        fastexp.install()
+    elif fast_exp is not None:
+        fastexp.uninstall()
     hidden_size = _hidden_size(model, config)
     targets = find_targets(model, hidden_size)
     if not targets:

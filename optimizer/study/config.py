@@ -339,6 +339,7 @@ class EvaluationConfig:
     confirm_tokens: int = 128  # answer length when a front trial is confirmed; 0 = no confirmation
     replay_layers: bool = True  # start each trial at its first steered layer (same results)
     share_prefix: bool = True  # the prompts' common chat-template prefix runs once per pass (same results)
+    fast_exp: bool = True  # on a CPU, SiLU and attention use abopt's exp: ~4x faster, closer to the true exp
 
 
 @dataclass(frozen=True)
@@ -429,6 +430,7 @@ def load_study(path: str | Path) -> StudyConfig:
         confirm_tokens=t.integer("confirm_tokens", default=e.confirm_tokens, minimum=0),
         replay_layers=t.boolean("replay_layers", default=e.replay_layers),
         share_prefix=t.boolean("share_prefix", default=e.share_prefix),
+        fast_exp=t.boolean("fast_exp", default=e.fast_exp),
     )
 
     t = top.table("optimization", optional=True)

@@ -52,7 +52,14 @@ def load_study_model(plan: StudyPlan, *, lazy: bool = False, unpack: bool = Fals
     """The study's model, as its study file says to load it (``lazy``: checked, not read;
     ``unpack``: dequantized on a CPU when it fits, for scoring, see ``load_model``)."""
     config = plan.config
-    return load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code, lazy=lazy, unpack=unpack)
+    return load_model(
+        config.model,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        lazy=lazy,
+        unpack=unpack,
+        fast_exp=config.evaluation.fast_exp,
+    )
 
 
 def load_steered(

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable
 
+import mlx.core as mx
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from optimizer.engine import fastexp
 from optimizer.engine.evaluate import EvalSettings, Evaluator, replay_budget
 from optimizer.engine.judge import Judge
 from optimizer.engine.model import LoadedModel
@@ -247,7 +249,18 @@ def replay_line(evaluator: Evaluator, config: StudyConfig) -> str:
     else:
         replay = "off (no memory for it, or this architecture does not replay exactly)"
     screening = "on" if config.optimization.screening else "off (screening = false)"
-    return f"layer replay {replay}; screening {screening}; {prefix_line(evaluator)}"
+    return f"layer replay {replay}; screening {screening}; {prefix_line(evaluator)}; {exp_line(evaluator, config)}"
+
+
+def exp_line(evaluator: Evaluator, config: StudyConfig) -> str:
+    """Which exp the model's SiLU and attention run with, and why."""
+    if fastexp.installed(evaluator.loaded.model):
+        return "SiLU and attention on abopt's fast exp (a CPU; fast_exp = false for mlx's own)"
+    if not config.evaluation.fast_exp:
+        return "mlx's own exp (fast_exp = false)"
+    if mx.default_device() == mx.gpu:
+        return "mlx's own exp (a GPU's is fast)"
+    return "mlx's own exp (this architecture has its own SiLU and attention code)"
 
 
 def prefix_line(evaluator: Evaluator) -> str:
