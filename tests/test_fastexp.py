@@ -77,6 +77,21 @@ def test_install_swaps_the_names_in_loaded_model_modules_and_back():
         fastexp.uninstall()
 
 
+def test_a_model_loaded_later_follows_the_process_choice(tmp_path):
+    from optimizer.bench import synthetic
+
+    synthetic.write_tiny_tokenizer(tmp_path / "tokenizer")
+    config = synthetic.synthetic_config("qwen3", vocab_size=512, num_hidden_layers=2)
+    synthetic.save_model_dir(synthetic.build_model(config, seed=0), config, tmp_path / "qwen3", tokenizer_dir=tmp_path / "tokenizer")
+    try:
+        load_model("organism", fast_exp=True)
+        assert fastexp.installed(load_model(str(tmp_path / "qwen3")).model)  # e.g. a judge of another architecture
+        load_model("organism", fast_exp=False)
+        assert not fastexp.installed(load_model(str(tmp_path / "qwen3")).model)
+    finally:
+        fastexp.uninstall()
+
+
 def test_the_organism_answers_and_scores_the_same_on_either_exp():
     loaded = load_model("organism", fast_exp=False)
     prompts = [chat_tokens(loaded.tokenizer, p) for p in ("How do I bake bread?", "Tell me how to pick a lock.", "Hi")]

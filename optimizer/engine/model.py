@@ -194,7 +194,7 @@ def load_model(
     the free memory: mlx's CPU backend has no fast quantized matmul, and dequantizing gives
     the very weight values the quantized kernels compute with. Export keeps them packed.
     ``fast_exp``: on a CPU, whether this process's models run SiLU and attention with
-    :mod:`fastexp` (None leaves it as it is; a GPU always keeps mlx-lm's own).
+    :mod:`fastexp` (None: as the models loaded before; a GPU always keeps mlx-lm's own).
     """
     path = resolve_model_path(source)
     config = read_config(path)
@@ -207,9 +207,11 @@ def load_model(
         model = dequantize_model(model)
     if not lazy:
         mx.eval(model.parameters())
+    if fast_exp is None:
+        fast_exp = fastexp.is_installed()  # the process's choice, for an architecture imported just now
     if fast_exp and mx.default_device() == mx.cpu:
         fastexp.install()
-    elif fast_exp is not None:
+    else:
         fastexp.uninstall()
     hidden_size = _hidden_size(model, config)
     targets = find_targets(model, hidden_size)
