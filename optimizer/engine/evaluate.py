@@ -20,6 +20,7 @@ from optimizer.engine.judge import Judge, answer_verdicts
 from optimizer.engine.markers import find_refusal
 from optimizer.engine.model import (
     LoadedModel,
+    after_prefix,
     available_memory,
     batch_cache,
     chat_tokens,
@@ -27,9 +28,7 @@ from optimizer.engine.model import (
     left_aligned,
     logits_at,
     pad_left,
-    pad_right,
     prefix_cache,
-    repeat_cache,
     shared_prefix_length,
 )
 from optimizer.engine.replay import LayerRecord, Replay, recording, replaying
@@ -186,7 +185,7 @@ def _prefill(
     """Each chunk of prompts prefilled on its own cache, the caches joined; the joined cache
     and the last position's logits, rows in chunk order. ``prefix``: leading tokens every
     prompt shares, computed once (with the current steering) for all chunks."""
-    shared = prefix_cache(loaded.model, chunks[0][0][:prefix]) if prefix else None
+    shared = prefix_cache(loaded.model, chunks[0][0][:prefix])
     joined: list[Any] | None = None
     logits = []
     for chunk, record in zip(chunks, [*records, *[None] * (len(chunks) - len(records))]):
@@ -214,8 +213,7 @@ def prefill_chunk(
         cache = batch_cache(model, padding)
         with around(cache) as entered, last_positions_only(model, 1):
             return cache, model(tokens, cache=cache), entered
-    tokens, last = pad_right([p[shared[0].offset :] for p in prompts], pad_id)
-    cache = repeat_cache(shared, len(prompts))
+    tokens, last, cache = after_prefix(prompts, shared, pad_id)
     with around(cache) as entered:
         logits = logits_at(model, tokens, last, cache)[:, None]
     return left_aligned(cache, (tokens.shape[1] - 1 - last).tolist()), logits, entered
@@ -298,7 +296,7 @@ class Evaluator:
         this pass is the untouched model's, and its leading layers are kept for replay."""
         layers, replay = self.loaded.layers, self.kl_replay
         prefix = self.shared_prefix(inputs, self.settings.kl_tokens)
-        shared = prefix_cache(self.loaded.model, inputs[0][:prefix]) if prefix else None
+        shared = prefix_cache(self.loaded.model, inputs[0][:prefix])
         for rows in self._batches(inputs, cap_padding=True):
             if record and replay.depth:
                 with recording(layers, replay.depth) as records:
@@ -319,9 +317,8 @@ class Evaluator:
             tokens, padding = pad_left(batch, pad_id)
             with last_positions_only(model, k):
                 return model(tokens, cache=batch_cache(model, padding))[:, -k:, :].astype(mx.float32)
-        tokens, last = pad_right([row[shared[0].offset :] for row in batch], pad_id)
-        index = last[:, None] + mx.arange(1 - k, 1)[None]
-        return logits_at(model, tokens, index, repeat_cache(shared, len(batch))).astype(mx.float32)
+        tokens, last, cache = after_prefix(batch, shared, pad_id)
+        return logits_at(model, tokens, last[:, None] + mx.arange(1 - k, 1)[None], cache).astype(mx.float32)
 
     def shared_prefix(self, prompts: Sequence[Sequence[int]], keep: int = 1) -> int:
         """How many leading tokens of ``prompts`` a pass computes once for all of them (0:
@@ -345,7 +342,7 @@ class Evaluator:
         layers, replay, prompts = self.loaded.layers, self.prefill_replay, self.harmful_tokens
         replay.records.clear()
         prefix = self.shared_prefix(prompts)
-        shared = prefix_cache(self.loaded.model, prompts[0][:prefix]) if prefix else None
+        shared = prefix_cache(self.loaded.model, prompts[0][:prefix])
         for rows in self._batches(prompts):
             for chunk in self._prefill_chunks(prompts, rows):
                 chunk_rows = [rows[i] for i in chunk]

@@ -203,7 +203,7 @@ def judge_scores(
         return scores
     # Every row keeps at least its last token to compute.
     shared = shared_prefix_length(encoded) if share_prefix else 0
-    prefix = prefix_cache(judge.model, encoded[0][:shared]) if shared else None
+    prefix = prefix_cache(judge.model, encoded[0][:shared])
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]

@@ -554,8 +554,10 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]], keep: int = 1) -> i
 
 
 def prefix_cache(model: nn.Module, tokens: Sequence[int]) -> list[Any] | None:
-    """The KV cache of one prompt prefix (batch 1), or None when the model's cache layout
-    cannot be shared that way (sliding windows, recurrent state)."""
+    """The KV cache of one prompt prefix (batch 1), or None when there is no prefix or the
+    model's cache layout cannot be shared that way (sliding windows, recurrent state)."""
+    if not tokens:
+        return None
     cache = mlx_cache.make_prompt_cache(model)
     if any(type(c) is not mlx_cache.KVCache for c in cache):
         return None
@@ -573,6 +575,13 @@ def repeat_cache(cache: list[Any], rows: int) -> list[Any]:
         copy.state = (mx.repeat(keys, rows, axis=0), mx.repeat(values, rows, axis=0), c.offset)
         copies.append(copy)
     return copies
+
+
+def after_prefix(prompts: Sequence[Sequence[int]], shared: list[Any], pad_id: int = 0) -> tuple[mx.array, mx.array, list[Any]]:
+    """What continues a shared prefix's cache: the prompts' own tokens right-padded, each
+    row's last index, and a copy of the prefix's cache for every row."""
+    tokens, last = pad_right([p[shared[0].offset :] for p in prompts], pad_id)
+    return tokens, last, repeat_cache(shared, len(prompts))
 
 
 def left_aligned(cache: Sequence[Any], right_padding: Sequence[int]) -> list[Any]:
