@@ -89,7 +89,7 @@ def resume_to(study_file: Path, n: int, cwd: Path, *args: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code, reason", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGHUP, 129, "SIGHUP")])
 def test_sigterm_and_sighup_stop_like_ctrl_c(tmp_path, signum, code, reason):
-    study_file = write_study(tmp_path, "organism", n_trials=8, **LONG_ANSWERS)
+    study_file = write_study(tmp_path, "organism", n_trials=4, **LONG_ANSWERS)
     db = tmp_path / "t.db"
     process = start_abopt("run", study_file, cwd=tmp_path)
     wait_for(lambda: complete_count(db) >= 1 and trial_running_with_params(db))
@@ -100,7 +100,7 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(tmp_path, signum, code, reason):
     assert f"interrupted ({reason}) at" in stdout and "resume with:" in stdout
     assert "Pareto front" in stdout
     check_stopped_cleanly(db, reason)
-    resume_to(study_file, 8, tmp_path)
+    resume_to(study_file, 4, tmp_path)
 
 
 @pytest.mark.slow
@@ -259,7 +259,7 @@ def fill(directory: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_full_disk_mid_run_is_one_line_and_resumable(small_disk):
-    study_file = write_study(small_disk, "organism", n_trials=10, **LONG_ANSWERS)
+    study_file = write_study(small_disk, "organism", n_trials=5, **LONG_ANSWERS)
     db = small_disk / "t.db"
     process = start_abopt("run", study_file, cwd=small_disk)
     wait_for(lambda: complete_count(db) >= 2)
@@ -274,4 +274,4 @@ def test_a_full_disk_mid_run_is_one_line_and_resumable(small_disk):
         assert connection.execute("pragma integrity_check").fetchone() == ("ok",)
     result = run_abopt("run", study_file, cwd=small_disk)
     assert result.returncode == 0, result.stderr
-    assert complete_count(db) == 10
+    assert complete_count(db) == 5
