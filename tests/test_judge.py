@@ -118,11 +118,28 @@ def test_scores_are_probabilities(eval_scores, eval_rows):
 def test_scores_are_the_same_batched_and_one_at_a_time(judge, eval_rows):
     rows = eval_rows[:: max(1, len(eval_rows) // 24)][:24]  # varied lengths, so varied padding
     requests, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    judge.known.clear()  # each call computes its own scores
     batched = judge_scores(judge, requests, answers, batch_size=8)
+    judge.known.clear()
     single = judge_scores(judge, requests, answers, batch_size=1)
     assert np.max(np.abs(batched - single)) <= 1e-4
+    judge.known.clear()
     reversed_scores = judge_scores(judge, requests[::-1], answers[::-1], batch_size=5)
     assert np.max(np.abs(reversed_scores[::-1] - batched)) <= 1e-4
+
+
+def test_a_pair_judged_before_is_not_judged_again(judge, eval_rows):
+    rows = eval_rows[:12]
+    requests, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    judge.known.clear()
+    first = judge_scores(judge, requests[:8], answers[:8])
+    assert len(judge.known) == 8
+    # Four pairs seen, four new: only the new ones reach the model, the old keep their scores.
+    again = judge_scores(judge, requests[4:], answers[4:])
+    assert len(judge.known) == 12
+    assert np.array_equal(again[:4], first[4:])
+    judge.known.clear()
+    assert np.max(np.abs(judge_scores(judge, requests[4:], answers[4:]) - again)) <= 1e-4
 
 
 def test_the_shared_prefix_runs_once_and_changes_no_score(eval_rows):
