@@ -209,10 +209,7 @@ def load_model(
         mx.eval(model.parameters())
     if fast_exp is None:
         fast_exp = fastexp.is_installed()  # the process's choice, for an architecture imported just now
-    if fast_exp and mx.default_device() == mx.cpu:
-        fastexp.install()
-    else:
-        fastexp.uninstall()
+    fastexp.switch(fast_exp and mx.default_device() == mx.cpu)
     hidden_size = _hidden_size(model, config)
     targets = find_targets(model, hidden_size)
     if not targets:
