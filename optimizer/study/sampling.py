@@ -23,23 +23,19 @@ class _StampingTPESampler(optuna.samplers.TPESampler):
         super().before_trial(study, trial)
 
 
-def make_sampler(
-    config: StudyConfig, worker_index: int, on_new_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None
-) -> optuna.samplers.TPESampler:
+def make_sampler(config: StudyConfig, worker_index: int, on_new_trial: Callable[[optuna.Study, FrozenTrial], None]) -> optuna.samplers.TPESampler:
     """Multivariate TPE, the same settings on every start; each worker its own seed.
 
     ``on_new_trial`` hears of each trial the moment Optuna has created it, before its
     heartbeat starts: a worker can say whose trial it is before it could die unseen."""
     o = config.optimization
-    settings: dict[str, Any] = dict(
+    return _StampingTPESampler(
+        on_new_trial,
         multivariate=True,
         group=True,  # direction_index exists only in global-scope trials
         n_startup_trials=o.n_startup_trials,
         seed=o.seed + worker_index,
     )
-    if on_new_trial is None:
-        return optuna.samplers.TPESampler(**settings)
-    return _StampingTPESampler(on_new_trial, **settings)
 
 
 def sampler_settings(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> dict[str, Any]:
